@@ -1,0 +1,1 @@
+# Hydra config groups for fwsel, shipped in the package as fwsel.conf.

@@ -1,0 +1,349 @@
+"""`fwsel compare`: one table, one CSV and two pictures for a sweep of run dirs.
+
+Every job is a directory holding `summary.json` (possibly nested at any depth); a directory
+with `.hydra/` but no `summary.json` is a job that never got going ("missing"). Only jobs
+whose status is `ok` or `exhausted` enter the numbers; the others are counted and listed so
+a failed or killed (`running`) job is never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from rich.console import Console
+from rich.table import Table
+
+log = logging.getLogger(__name__)
+
+REFERENCE = ("full", "source_oracle")  # diagnostic ceilings: shown apart, not budget-matched arms
+BASELINE = "random"  # the arm whose final loss defines "steps to target"
+DONE = ("ok", "exhausted")  # statuses whose numbers are trusted
+STATUSES = ("ok", "exhausted", "failed", "interrupted", "running", "missing")
+LAST_EVALS = 3  # random's final loss = mean of its last this-many evals
+
+
+class CompareError(Exception):
+    """A problem with the inputs that the user must fix (printed as one line, exit 1)."""
+
+
+@dataclass
+class Job:
+    """What compare needs from one run dir."""
+
+    path: Path
+    status: str
+    selector: str
+    budget: float | None
+    seed: Any
+    steps: int | None = None
+    eval_every: int | None = None
+    loss: float | None = None
+    acc: float | None = None
+    error: str | None = None
+    evals: list[tuple[int, float, float]] = field(default_factory=list)  # (step, examples_seen, loss)
+    sec_cum: dict[int, float] = field(default_factory=dict)  # step -> cumulative sec_step
+    picks: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (step, selected_per_source)
+
+    @property
+    def done(self) -> bool:
+        return self.status in DONE
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; a torn last line (killed writer) is skipped, not fatal."""
+    rows = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _load_job(summary_path: Path) -> Job:
+    d = summary_path.parent
+    try:
+        s = json.loads(summary_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return Job(d, "failed", "?", None, None, error=f"unreadable summary.json: {e}")
+    job = Job(d, str(s.get("status") or "running"), str(s.get("selector") or "?"), s.get("budget"),
+              s.get("seed"), s.get("steps"), s.get("eval_every"), s.get("target_eval_loss"),
+              s.get("target_eval_acc"), s.get("error"))
+    total = 0.0
+    last_acc = None
+    for row in _read_jsonl(d / "metrics.jsonl"):
+        step = row.get("step")
+        if step is None:
+            continue
+        total += float(row.get("sec_step") or 0.0)
+        job.sec_cum[int(step)] = total
+        if row.get("target_eval_loss") is not None:
+            job.evals.append((int(step), float(row.get("examples_seen") or 0), float(row["target_eval_loss"])))
+            last_acc = row.get("target_eval_acc", last_acc)
+        if row.get("selected_per_source"):
+            job.picks.append((int(step), row["selected_per_source"]))
+    if job.loss is None and job.evals:  # summary not final: fall back on the last eval logged
+        job.loss = job.evals[-1][2]
+    if job.acc is None:
+        job.acc = last_acc
+    return job
+
+
+def _load_missing(run_dir: Path) -> Job:
+    """A job that has a saved config but never wrote summary.json."""
+    sel = budget = seed = None
+    try:
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        sel, budget, seed = (OmegaConf.select(cfg, k, default=None) for k in ("selector.name", "budget", "seed"))
+    except Exception:  # an unreadable config still counts as a missing job
+        pass
+    return Job(run_dir, "missing", str(sel or "?"), budget, seed, error="no summary.json")
+
+
+def find_jobs(dirs: list[str | Path]) -> list[Job]:
+    """Every job under the dirs (deduplicated); raises CompareError for a bad dir or no jobs."""
+    seen: dict[Path, Job] = {}
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise CompareError(f"not a directory: {d}")
+        for p in sorted(d.glob("**/summary.json")):
+            seen.setdefault(p.parent.resolve(), _load_job(p))
+        for h in sorted(d.glob("**/.hydra")):
+            if h.is_dir() and not (h.parent / "summary.json").exists():
+                seen.setdefault(h.parent.resolve(), _load_missing(h.parent))
+    if not seen:
+        raise CompareError(f"no jobs found under {', '.join(map(str, dirs))} (looked for **/summary.json)")
+    return list(seen.values())
+
+
+def _check_eval_every(jobs: list[Job]) -> None:
+    values: dict[Any, set[str]] = {}
+    for j in jobs:
+        if j.done and j.eval_every is not None:
+            values.setdefault(j.eval_every, set()).add(j.selector)
+    if len(values) > 1:
+        parts = "; ".join(f"eval_every={k} ({', '.join(sorted(v))})" for k, v in sorted(values.items()))
+        raise CompareError(f"runs differ in eval_every, so steps-to-target is not comparable: {parts}")
+
+
+def _target_loss(job: Job) -> float | None:
+    """Random's final target loss: the mean of its last LAST_EVALS evals."""
+    if not job.evals:
+        return job.loss
+    tail = [loss for _, _, loss in job.evals[-LAST_EVALS:]]
+    return sum(tail) / len(tail)
+
+
+def _reach(job: Job, target: float) -> tuple[float, float]:
+    """(first eval step at or below target ÷ steps, seconds to it); (inf, inf) when never reached."""
+    for step, _, loss in job.evals:
+        if loss <= target:
+            return step / job.steps, job.sec_cum.get(step, 0.0)
+    return math.inf, math.inf
+
+
+def _stats(xs: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample std (ddof=1; None with one seed)."""
+    xs = [float(x) for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def _shares(job: Job) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for _, per in job.picks:
+        for src, n in per.items():
+            counts[src] = counts.get(src, 0.0) + float(n or 0)
+    total = sum(counts.values())
+    return {k: v / total for k, v in counts.items()} if total else {}
+
+
+def _order(selectors) -> list[str]:
+    """random first, then the arms alphabetically, then the reference rows."""
+    sel = set(selectors)
+    arms = sorted(s for s in sel if s not in REFERENCE and s != BASELINE)
+    return ([BASELINE] if BASELINE in sel else []) + arms + [r for r in REFERENCE if r in sel]
+
+
+def aggregate(jobs: list[Job]) -> list[dict]:
+    """One row per selector × budget: the numbers in the table and summary.csv."""
+    _check_eval_every(jobs)
+    targets = {(j.budget, j.seed): _target_loss(j) for j in jobs if j.selector == BASELINE and j.done}
+    sources = sorted({src for j in jobs if j.done for _, per in j.picks for src in per})
+    cells: dict[tuple, list[Job]] = {}
+    for j in jobs:
+        cells.setdefault((j.selector, j.budget), []).append(j)
+    rows = []
+    for sel in _order({s for s, _ in cells}):
+        for budget in sorted({b for s, b in cells if s == sel}, key=lambda b: (b is None, b or 0)):
+            group = cells[(sel, budget)]
+            done = [j for j in group if j.done]
+            reach = [_reach(j, targets[(budget, j.seed)]) for j in done
+                     if targets.get((budget, j.seed)) is not None and j.evals and j.steps]
+            loss_m, loss_s = _stats([j.loss for j in done])
+            acc_m, acc_s = _stats([j.acc for j in done])
+            shares = [_shares(j) for j in done]
+            row = {"selector": sel, "budget": budget, "reference": sel in REFERENCE,
+                   "seeds": len({j.seed for j in done}),
+                   **{f"n_{st}": sum(j.status == st for j in group) for st in STATUSES},
+                   "loss_mean": loss_m, "loss_std": loss_s, "acc_mean": acc_m, "acc_std": acc_s,
+                   "steps_to_random_ratio": statistics.median(r for r, _ in reach) if reach else None,
+                   "sec_to_random": statistics.median(s for _, s in reach) if reach else None,
+                   **{f"frac_{src}": (statistics.fmean(sh.get(src, 0.0) for sh in shares if sh)
+                                      if any(shares) else None) for src in sources}}
+            row["_jobs"] = group  # for the pictures and the problem list; not written to CSV
+            rows.append(row)
+    return rows
+
+
+def _pm(m, s, digits=4) -> str:
+    if m is None:
+        return "—"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f} (n=1)"
+
+
+def _ratio(r) -> str:
+    return "—" if r is None else ("> 1" if math.isinf(r) else f"{r:.2f}")
+
+
+def _secs(s) -> str:
+    return "—" if s is None else ("not reached" if math.isinf(s) else f"{s:.1f}s")
+
+
+def _jobs_cell(row: dict) -> str:
+    marks = {"failed": "red", "interrupted": "yellow", "running": "magenta", "missing": "red"}
+    parts = [f"{row['n_ok'] + row['n_exhausted']} ok"]
+    parts += [f"[{c}]{row[f'n_{st}']} {'running/killed' if st == 'running' else st}[/]"
+              for st, c in marks.items() if row[f"n_{st}"]]
+    return ", ".join(parts)
+
+
+def _grid(title: str, rows: list[dict], cell) -> Table:
+    """A selector × budget table; reference rows sit below a rule, labelled as such."""
+    budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
+    t = Table(title=title, title_justify="left")
+    t.add_column("selector")
+    for b in budgets:
+        t.add_column(f"budget {b:g}", justify="right")
+    by = {(r["selector"], r["budget"]): r for r in rows}
+    sels = _order({r["selector"] for r in rows})
+    for i, sel in enumerate(sels):
+        if sel in REFERENCE and (i == 0 or sels[i - 1] not in REFERENCE):
+            t.add_section()
+        label = f"{sel} (reference)" if sel in REFERENCE else sel
+        t.add_row(label, *(cell(by[(sel, b)]) if (sel, b) in by else "" for b in budgets))
+    return t
+
+
+def render(rows: list[dict]) -> list:
+    """The rich renderables printed by `fwsel compare`."""
+    out = [
+        _grid("final target eval loss (mean ± std over seeds)", rows,
+              lambda r: _pm(r["loss_mean"], r["loss_std"])),
+        _grid("final target eval accuracy (mean ± std over seeds)", rows,
+              lambda r: _pm(r["acc_mean"], r["acc_std"], 3)),
+        _grid(f"steps to reach {BASELINE}'s final target loss ÷ steps (median over seeds; > 1 = not reached)",
+              rows, lambda r: _ratio(r["steps_to_random_ratio"])),
+        _grid(f"seconds to reach {BASELINE}'s final target loss (median over seeds)",
+              rows, lambda r: _secs(r["sec_to_random"])),
+    ]
+    sources = [k[5:] for k in rows[0] if k.startswith("frac_")] if rows else []
+    if sources:
+        t = Table(title="share of selected rows per source (mean over seeds)", title_justify="left")
+        t.add_column("selector @ budget")
+        for s in sources:
+            t.add_column(s, justify="right")
+        for r in rows:
+            t.add_row(f"{r['selector']} @ {r['budget']}",
+                      *("—" if r[f"frac_{s}"] is None else f"{r[f'frac_{s}']:.2f}" for s in sources))
+        out.append(t)
+    out.append(_grid("jobs", rows, _jobs_cell))
+    bad = [j for r in rows for j in r["_jobs"] if not j.done]
+    if bad:
+        lines = [f"[red]{'running/killed' if j.status == 'running' else j.status}[/]: {j.path}"
+                 + (f" — {j.error}" if j.error else "") for j in bad]
+        out.append("\n".join(["jobs not counted:", *lines]))
+    return out
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    keys = [k for k in rows[0] if not k.startswith("_")]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r[k] is None else r[k]) for k in keys})
+
+
+def compare_dirs(dirs: list[str | Path], out: str | Path | None = None,
+                 console: Console | None = None) -> tuple[list[dict], str]:
+    """Compare all jobs under `dirs`; write summary.csv, curves.png, selection.png into `out`
+    (default: the first dir). Returns (one dict per selector × budget, the table as plain text).
+    """
+    from fwsel.compare_plots import plot_curves, plot_selection
+
+    jobs = find_jobs(dirs)
+    rows = aggregate(jobs)
+    out = Path(out if out is not None else dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "summary.csv")
+    plot_curves(rows, out / "curves.png")
+    plot_selection(rows, out / "selection.png")
+    buf = Console(file=io.StringIO(), width=140, no_color=True, force_terminal=False)
+    for r in render(rows):
+        buf.print(r)
+        if console is not None:
+            console.print(r)
+    footer = f"wrote {out / 'summary.csv'}, {out / 'curves.png'}, {out / 'selection.png'}"
+    buf.print(footer)
+    if console is not None:
+        console.print(footer)
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], buf.file.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `fwsel compare DIR [DIR ...] [--out OUT]`."""
+    p = argparse.ArgumentParser(
+        prog="fwsel compare",
+        description="Compare the jobs of one or more sweeps: a selector × budget table (final target eval "
+                    "loss and accuracy, steps and seconds to reach random's final target loss, selected "
+                    "source shares), plus summary.csv, curves.png and selection.png.")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="sweep or run dirs; jobs are found by **/summary.json")
+    p.add_argument("--out", default=None, help="where to write summary.csv and the pictures (default: first DIR)")
+    args = p.parse_args(argv)
+    try:
+        compare_dirs(args.dirs, args.out, console=Console())
+    except CompareError as e:
+        print(f"fwsel compare: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class CompareCallback(Callback):
+    """Runs `fwsel compare` on the sweep dir when a multirun ends (Hydra skips it if a job failed)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = None
+        try:
+            sweep_dir = str(config.hydra.sweep.dir)
+            compare_dirs([sweep_dir], console=Console())
+        except Exception as e:  # a comparison problem must never fail the sweep
+            log.warning("fwsel compare on %s failed: %s", sweep_dir, e)
