@@ -236,38 +236,36 @@ def _jobs_cell(row: dict) -> str:
     return ", ".join(parts)
 
 
-def _grid(title: str, rows: list[dict], cell) -> Table:
-    """A selector × budget table; reference rows sit below a rule, labelled as such."""
+LINES = ("final loss", "final acc", f"→ {BASELINE}", "jobs")  # what each line of a table cell holds
+
+
+def _cell(r: dict) -> str:
+    reach = "—" if r["steps_to_random_ratio"] is None else \
+        f"{_ratio(r['steps_to_random_ratio'])} ({_secs(r['sec_to_random'])})"
+    return "\n".join((_pm(r["loss_mean"], r["loss_std"]), _pm(r["acc_mean"], r["acc_std"], 3), reach, _jobs_cell(r)))
+
+
+def render(rows: list[dict]) -> list:
+    """The rich renderables printed by `fwsel compare`: the selector × budget table, source shares, problems."""
     budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
-    t = Table(title=title, title_justify="left")
+    t = Table(title="fwsel compare: selector × budget, mean ± std over seeds", title_justify="left",
+              caption=f"→ {BASELINE}: steps to reach {BASELINE}'s final target loss (mean of its last "
+                      f"{LAST_EVALS} evals, same seed) ÷ steps, median over seeds, > 1 = not reached; "
+                      "in brackets the seconds of training to get there", caption_justify="left")
     t.add_column("selector")
+    t.add_column("")
     for b in budgets:
         t.add_column(f"budget {b:g}", justify="right")
     by = {(r["selector"], r["budget"]): r for r in rows}
     sels = _order({r["selector"] for r in rows})
-    for i, sel in enumerate(sels):
-        if sel in REFERENCE and (i == 0 or sels[i - 1] not in REFERENCE):
-            t.add_section()
-        label = f"{sel} (reference)" if sel in REFERENCE else sel
-        t.add_row(label, *(cell(by[(sel, b)]) if (sel, b) in by else "" for b in budgets))
-    return t
-
-
-def render(rows: list[dict]) -> list:
-    """The rich renderables printed by `fwsel compare`."""
-    out = [
-        _grid("final target eval loss (mean ± std over seeds)", rows,
-              lambda r: _pm(r["loss_mean"], r["loss_std"])),
-        _grid("final target eval accuracy (mean ± std over seeds)", rows,
-              lambda r: _pm(r["acc_mean"], r["acc_std"], 3)),
-        _grid(f"steps to reach {BASELINE}'s final target loss ÷ steps (median over seeds; > 1 = not reached)",
-              rows, lambda r: _ratio(r["steps_to_random_ratio"])),
-        _grid(f"seconds to reach {BASELINE}'s final target loss (median over seeds)",
-              rows, lambda r: _secs(r["sec_to_random"])),
-    ]
+    for sel in sels:
+        label = f"{sel}\n(reference)" if sel in REFERENCE else sel
+        t.add_row(label, "\n".join(LINES), *(_cell(by[(sel, b)]) if (sel, b) in by else "" for b in budgets),
+                  end_section=True)
+    out = [t]
     sources = [k[5:] for k in rows[0] if k.startswith("frac_")] if rows else []
     if sources:
-        t = Table(title="share of selected rows per source (mean over seeds)", title_justify="left")
+        t = Table(title="share of selected rows per source, mean over seeds", title_justify="left")
         t.add_column("selector @ budget")
         for s in sources:
             t.add_column(s, justify="right")
@@ -275,7 +273,6 @@ def render(rows: list[dict]) -> list:
             t.add_row(f"{r['selector']} @ {r['budget']}",
                       *("—" if r[f"frac_{s}"] is None else f"{r[f'frac_{s}']:.2f}" for s in sources))
         out.append(t)
-    out.append(_grid("jobs", rows, _jobs_cell))
     bad = [j for r in rows for j in r["_jobs"] if not j.done]
     if bad:
         lines = [f"[red]{'running/killed' if j.status == 'running' else j.status}[/]: {j.path}"

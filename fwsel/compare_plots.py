@@ -79,13 +79,13 @@ def _share_series(jobs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
 def plot_selection(rows: list[dict], path: Path) -> None:
     """Per selector (row) and budget (column): stacked share of each source among selected rows over steps."""
     budgets = _budgets(rows)
-    selectors = list(dict.fromkeys(r["selector"] for r in rows))
     series = {(r["selector"], r["budget"]): _share_series(r["_jobs"]) for r in rows}
+    selectors = list(dict.fromkeys(s for (s, _), (x, _) in series.items() if len(x)))  # rows with data only
     sources = sorted({src for _, sh in series.values() for src in sh})
     if not sources or not budgets:
         return _empty(path, "no selected_per_source logged")
     colors = dict(zip(sources, plt.get_cmap("tab10").colors))
-    fig, axes = plt.subplots(len(selectors), len(budgets), figsize=(4 * len(budgets), 2.2 * len(selectors) + 0.8),
+    fig, axes = plt.subplots(len(selectors), len(budgets), figsize=(4 * len(budgets), 2.5 * len(selectors) + 0.8),
                              squeeze=False, sharex=True, sharey=True)
     for i, sel in enumerate(selectors):
         for k, b in enumerate(budgets):
@@ -98,8 +98,8 @@ def plot_selection(rows: list[dict], path: Path) -> None:
                          colors=[colors[s] for s in sources], labels=sources)
             ax.set_ylim(0, 1)
             ax.set_title(f"{sel} · budget {b:g}", fontsize=9)
-            if i == len(selectors) - 1:
-                ax.set_xlabel("step")
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelbottom=True, labelleft=True)  # sharex/sharey would hide them next to a blank panel
         axes[i][0].set_ylabel("share")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in sources]
     fig.legend(handles, sources, loc="upper center", ncol=len(sources), fontsize=8)
