@@ -1,0 +1,50 @@
+"""fwsel.grads: exact per-sample gradient products for data selection (METHOD sections 2-4).
+
+Imports only torch, numpy, transformers and peft (no hydra, datasets or wandb), so the GPU
+scripts can use it on a bare image.
+
+Typical training step::
+
+    engine = GradEngine(model, optimizer, metric="adam")          # once; hooks stay registered
+    scores = engine.score(pool_batch, target_batch, extra_dirs=(), k=k)
+    indices, weights = selector(scores)                           # weights: mean 1
+    engine.apply_update(indices, weights)                         # writes .grad, no extra pass
+    clip_grad_norm_(...); optimizer.step(); scheduler.step()
+
+Batches are dicts of `input_ids`, `attention_mask`, `labels` (aligned with `input_ids`, -100
+where unsupervised, right-padded); pool and target may differ in width. `model` is a
+transformers causal LM, plain or peft-LoRA-wrapped.
+
+* `sequence_losses(model, batch, chunk_tokens=4096, with_correct=False, on_chunk=None)` ->
+  `LossOut(losses, n_tokens, correct)`: per-row mean-token cross-entropy from one decoder
+  pass and a head applied in chunks of supervised tokens (float32 for half models). Raises
+  `ValueError` for a row with no supervised token. Note: it calls the decoder body and the
+  output head, not the top-level module (a forward counter belongs on the decoder).
+* `GradEngine.score(...)` -> `Scores`: `K = <g_i, M g_j>`, `b[:, 0] = <g_i, M g_T>` (g_T: the
+  mean target gradient) and one column per extra direction (`"momentum"`: u = AdamW's
+  exp_avg; `"decay"`: u = M^-1 theta, i.e. the column is `<g_i, theta>`), `y2`, `dir_gram`,
+  losses, squared norms, a `finite` mask (non-finite candidates get zero rows and are never
+  updated), Adam's `poor_frac` and the `aux` metrics. All on the CPU in float64. `g_i` is the
+  gradient of row i's mean-token loss.
+* `GradEngine.apply_update(indices, weights)`: adds `(1/|S|) sum w_i g_i` to `.grad` of the
+  captured parameters from the kept per-sample gradients, then runs one weighted backward
+  over the selected rows for trainable parameters that are not captured. It does not clip
+  or step. Scoring itself never touches `.grad` (gradient accumulation is safe).
+
+Metric `M`: `sgd` (identity), `adam` (the linearised AdamW diagonal `D` from the live
+`torch.optim.AdamW` state; `adam_q` = pool | state | taylor picks the frozen second moment),
+`adam2` (`D**2`).
+
+What is captured: every trainable `nn.Linear` — peft's `lora_A`/`lora_B` (LoRA scaling and
+dropout masks are inside what the hooks see), or in full fine-tuning every Linear including
+an untied `lm_head`. Embeddings, norms and a head tied to the embedding are NOT in `K`/`b`:
+they train through the fallback backward only. DoRA and other LoRA variants, merged or
+disabled adapters and LoRA on embeddings raise `ValueError`. Gradient checkpointing must be
+non-reentrant (recomputed forwards are not captured twice). The per-sample gradients are
+materialised as a `[N + v, P]` buffer (float32, float64 for float64 models) until the update.
+"""
+
+from .engine import GradEngine, Scores
+from .loss import LossOut, sequence_losses
+
+__all__ = ["GradEngine", "Scores", "LossOut", "sequence_losses"]

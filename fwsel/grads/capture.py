@@ -1,0 +1,195 @@
+"""Which parameters the engine captures, and the hooks that capture them (METHOD section 3).
+
+Every trainable `nn.Linear` is captured (peft's `lora_A` / `lora_B` sub-modules, or every
+Linear in full fine-tuning, an untied `lm_head` included); a Linear whose weight is shared
+with a non-Linear module (a head tied to the embedding) is not. Everything else trainable
+(embeddings, norms, peft `modules_to_save` copies that are not Linear) is a *fallback*
+parameter: it trains through an ordinary weighted backward and is left out of the products.
+
+While scoring, every trainable parameter is temporarily marked `requires_grad=False` and each
+captured Linear's output is routed through an identity autograd function ("tap") tied to a
+dummy leaf. The backward then delivers each call's output gradient `E` to the tap, which
+forms `G_i = E_i^T X_i` for every row at once (batched matmul) into one row-major buffer
+`[rows, P]`, while autograd never forms the summed weight gradients nor touches `.grad`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from .loss import unwrap
+
+
+@dataclass
+class Block:
+    """One captured parameter: columns `start:end` of the per-sample buffer."""
+
+    param: nn.Parameter
+    name: str
+    start: int
+    end: int
+
+
+@dataclass
+class Site:
+    """One captured Linear module and its parameter blocks."""
+
+    module: nn.Linear
+    weight: Block
+    bias: Block | None
+
+
+def check_peft(model: nn.Module) -> None:
+    """Raise on peft setups whose adapter output is not `lora_B(lora_A(dropout(x))) * s`."""
+    cfgs = getattr(model, "peft_config", None) or {}
+    for name, cfg in cfgs.items():
+        kind = str(getattr(cfg, "peft_type", "LORA")).split(".")[-1]
+        if kind != "LORA":
+            raise ValueError(f"fwsel.grads supports only peft LoRA; adapter {name!r} is {kind}")
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # peft not installed: nothing to check
+        return
+    for mname, m in model.named_modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        if m.merged:
+            raise ValueError(f"{mname}: merged LoRA adapters cannot be captured (unmerge first)")
+        if m.disable_adapters:
+            raise ValueError(f"{mname}: adapters are disabled; enable them before scoring")
+        for a in m.active_adapters:
+            if a in m.lora_variant or m.use_dora.get(a, False):
+                raise ValueError(f"{mname}: adapter {a!r} is a LoRA variant (DoRA, ...): unsupported")
+            if a in m.lora_embedding_A:
+                raise ValueError(f"{mname}: LoRA on embeddings is unsupported")
+            for sub in (m.lora_A[a] if a in m.lora_A else None, m.lora_B[a] if a in m.lora_B else None):
+                if sub is not None and type(sub) is not nn.Linear:
+                    raise ValueError(f"{mname}: adapter {a!r} uses {type(sub).__name__}, not nn.Linear")
+
+
+def find_sites(model: nn.Module):
+    """(captured sites, blocks in buffer order, fallback parameters)."""
+    base = unwrap(model)
+    shared = {id(p) for m in base.modules() if not isinstance(m, nn.Linear) for p in m.parameters(False)}
+    names = {id(p): n for n, p in base.named_parameters(remove_duplicate=False)}
+    blocks: dict[int, Block] = {}
+    sites, offset = [], 0
+
+    def block(p):
+        nonlocal offset
+        if id(p) not in blocks:
+            blocks[id(p)] = Block(p, names.get(id(p), "?"), offset, offset + p.numel())
+            offset += p.numel()
+        return blocks[id(p)]
+
+    for m in base.modules():
+        if isinstance(m, nn.Linear) and m.weight.requires_grad and id(m.weight) not in shared:
+            bias = m.bias if m.bias is not None and m.bias.requires_grad else None
+            sites.append(Site(m, block(m.weight), block(bias) if bias is not None else None))
+    fallback = [p for p in base.parameters() if p.requires_grad and id(p) not in blocks]
+    return sites, list(blocks.values()), fallback
+
+
+@contextmanager
+def requires_grad(params, flag: bool):
+    """Temporarily set `requires_grad` on `params` (restored on exit)."""
+    old = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(flag)
+        yield
+    finally:
+        for p, o in zip(params, old):
+            p.requires_grad_(o)
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a Linear output; hands the output gradient to `sink` in backward."""
+
+    @staticmethod
+    def forward(ctx, out, dummy, sink):
+        ctx.sink = sink
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.sink(grad)
+        return grad, None, None
+
+
+class Capture:
+    """Forward hooks registered once on the captured Linears; they act only while `active`."""
+
+    def __init__(self, model: nn.Module):
+        self.sites, self.blocks, self.fallback = find_sites(model)
+        self.size = self.blocks[-1].end if self.blocks else 0
+        self.captured = [b.param for b in self.blocks]
+        dt = {p.dtype for p in self.captured}
+        self.dtype = torch.float64 if torch.float64 in dt else torch.float32  # per-sample grads
+        self.device = self.captured[0].device if self.captured else torch.device("cpu")
+        self.active = False
+        self.buf: torch.Tensor | None = None  # [rows, size] per-sample gradients
+        self.offset = 0  # global row of the current micro-batch's first row
+        self.mb_rows = 0  # rows in the current micro-batch
+        self.chunk_rows: torch.Tensor | None = None  # local row of each head-chunk token
+        self.dummy: torch.Tensor | None = None
+        self.handles = [s.module.register_forward_hook(partial(self._hook, s)) for s in self.sites]
+
+    def on_chunk(self, rows: torch.Tensor) -> None:
+        self.chunk_rows = rows
+
+    @contextmanager
+    def scoring(self, n_rows: int):
+        """Allocate the buffer and capture, with no parameter requiring grad."""
+        self.buf = torch.zeros(n_rows, self.size, dtype=self.dtype, device=self.device)
+        self.dummy = torch.zeros((), device=self.device, requires_grad=True)
+        self.active = True
+        try:
+            with requires_grad(self.captured + self.fallback, False):
+                yield
+        finally:
+            self.active, self.dummy, self.chunk_rows = False, None, None
+
+    def _hook(self, site, module, args, output):
+        # capture off outside scoring, in no-grad evaluation, and in checkpoint recomputation
+        if not self.active or not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+            return None
+        x = args[0].detach()
+        if x.dim() >= 3:
+            if x.shape[0] != self.mb_rows:
+                raise RuntimeError(f"captured Linear saw batch {x.shape[0]}, expected {self.mb_rows}")
+            rows = self.offset
+        else:
+            if self.chunk_rows is None or self.chunk_rows.numel() != x.shape[0]:
+                raise RuntimeError("a captured Linear was called on 2-D input outside the loss head")
+            rows = self.chunk_rows + self.offset
+        return _Tap.apply(output, self.dummy, partial(self._sink, site, x, rows))
+
+    def _sink(self, site, x, rows, grad):
+        x, e = x.to(self.dtype), grad.to(self.dtype)
+        w, b = site.weight, site.bias
+        if isinstance(rows, int):  # batched [B, ..., d]: every row's tokens at once
+            n = x.shape[0]
+            X, E = x.reshape(n, -1, x.shape[-1]), e.reshape(n, -1, e.shape[-1])
+            dst = self.buf[rows : rows + n]
+            dst[:, w.start : w.end] += torch.bmm(E.transpose(1, 2), X).reshape(n, -1)
+            if b is not None:
+                dst[:, b.start : b.end] += E.sum(1)
+            return
+        # head chunk [tokens, d]: tokens of one row are contiguous
+        uniq, counts = torch.unique_consecutive(rows, return_counts=True)
+        sizes = counts.tolist()
+        for r, xs, es in zip(uniq.tolist(), x.split(sizes), e.split(sizes)):
+            self.buf[r, w.start : w.end] += (es.T @ xs).reshape(-1)
+            if b is not None:
+                self.buf[r, b.start : b.end] += es.sum(0)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []

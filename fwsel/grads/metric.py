@@ -1,0 +1,65 @@
+"""The metric `M` of the products: identity, or AdamW's linearised diagonal (METHOD section 4).
+
+With the coming step's second moment frozen at `v_bar = (b2 v + (1 - b2) q) / (1 - b2^(t+1))`,
+`D = 1 / (sqrt(v_bar) + eps)`; `q` replaces the coming batch's `g*g`:
+`pool` (u*u + (1/k - 1/N) s2 from the pool's own per-sample gradients: the expected
+`g_hat*g_hat` of a uniform k-subset, drawn without replacement), `state` (v / (1 - b2^t),
+`D = I` at t = 0) or `taylor` (0). `adam` is `M = D`, `adam2` is `M = D**2`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+METRICS = ("sgd", "adam", "adam2")
+ADAM_Q = ("pool", "state", "taylor")
+
+
+def group_of(optimizer) -> dict:
+    """id(param) -> its optimizer param group."""
+    if optimizer is None:
+        return {}
+    return {id(p): g for g in optimizer.param_groups for p in g["params"]}
+
+
+def state_vec(optimizer, p, key: str, like: torch.Tensor) -> torch.Tensor:
+    """Flattened optimizer state `key` of `p` (zeros when there is none yet)."""
+    st = optimizer.state.get(p, {}) if optimizer is not None else {}
+    v = st.get(key)
+    return like.new_zeros(like.shape) if v is None else v.detach().reshape(-1).to(like)
+
+
+def adam_diag(p, optimizer, groups, Gp, n_bad: int, k: int, adam_q: str):
+    """(D over p's coordinates, number of coordinates where (1-b2) q > b2 v).
+
+    `Gp` holds the pool's per-sample gradients of `p` ([N, numel]); its `n_bad` non-finite
+    rows are already zero and are left out of the pool mean and variance.
+    """
+    g = groups.get(id(p))
+    if g is None:
+        raise ValueError("metric adam needs every captured parameter in the optimizer")
+    if g.get("amsgrad", False):
+        raise ValueError("metric adam assumes amsgrad=False")
+    b2, eps = g["betas"][1], g["eps"]
+    st = optimizer.state.get(p, {})
+    t = float(st.get("step", 0))
+    v = state_vec(optimizer, p, "exp_avg_sq", Gp[0])
+    nf = Gp.shape[0] - n_bad
+    if adam_q == "pool":
+        u = Gp.sum(0) / max(nf, 1)
+        if nf > 1:
+            s2 = (((Gp - u) ** 2).sum(0) - n_bad * u * u).clamp_min(0) / (nf - 1)
+            q = u * u + (1.0 / k - 1.0 / nf) * s2
+        else:
+            q = u * u
+    elif adam_q == "state":
+        if t == 0:
+            return torch.ones_like(v), v.numel()
+        q = v / (1 - b2**t)
+    elif adam_q == "taylor":
+        q = torch.zeros_like(v)
+    else:
+        raise ValueError(f"adam_q must be one of {ADAM_Q}, got {adam_q!r}")
+    vbar = (b2 * v + (1 - b2) * q) / (1 - b2 ** (t + 1))
+    poor = int(((1 - b2) * q > b2 * v).sum())
+    return 1.0 / (vbar.sqrt() + eps), poor
