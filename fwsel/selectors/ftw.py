@@ -1,0 +1,198 @@
+"""`ftw`: Filter-then-Weight in the linearised AdamW geometry (METHOD sections 4-5).
+
+Filter by OMP with NNLS refits on the scale-free update-matching problem (from `K`, `b`, `y2`
+alone), weight by the last refit, normalise to mean 1 with the order-preserving cap, fall back
+when the support is empty. Every METHOD section 7 choice is a constructor key (see
+`conf/selector/ftw.yaml`); gradient compression is deferred (exact gradients only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from fwsel.selectors.base import Pool, Selection, Selector, topk, uniform
+from fwsel.selectors.greats import greedy_interaction
+from fwsel.selectors.less import less_scores
+from fwsel.selectors.omp import nnls_gram, omp, ridge_lambda
+from fwsel.selectors.tracin import as_np, candidates, choice
+from fwsel.selectors.weights import normalise_and_cap
+
+FALLBACK_NONE, FALLBACK_TOPK, FALLBACK_SKIP = 0, 1, 2  # `sel_fallback` codes
+
+
+def adam_constants(optimizer) -> tuple[float, float, int]:
+    """(beta1, weight decay, steps taken) of an AdamW-like optimizer, for the drift terms."""
+    if optimizer is None:
+        raise ValueError("selector.momentum_correction needs the optimizer in the pool")
+    groups = optimizer.param_groups
+    b1, lam = float(groups[0]["betas"][0]), float(groups[0]["weight_decay"])
+    if any(float(g["betas"][0]) != b1 or float(g["weight_decay"]) != lam for g in groups):
+        raise ValueError("selector.momentum_correction needs one beta1 and weight decay for all groups")
+    steps = [int(st["step"]) for st in optimizer.state.values() if "step" in st]
+    return b1, lam, max(steps, default=0)
+
+
+def explained_and_scale(K, b, y2: float, S: list[int], w: np.ndarray) -> tuple[float, float]:
+    """For the applied direction `sum_S w_i g_i`: the explained fraction at its best scale
+    `t >= 0` (`1 - residual / y2` = the squared cosine with the target) and `alpha* = t sum(w)`
+    (for NNLS weights, the `sum(u)` of the refit up to the ridge)."""
+    if not S or y2 <= 0:
+        return 0.0, 0.0
+    bw = float(b[S] @ w)
+    wkw = float(w @ K[np.ix_(S, S)] @ w)
+    if bw <= 0 or wkw <= 0:
+        return 0.0, 0.0
+    return min(bw * bw / (wkw * y2), 1.0), bw / wkw * float(w.sum())
+
+
+def overlap(S: list[int], other: list[int]) -> float:
+    """Fraction of the selection that `other` also holds."""
+    return len(set(S) & set(other)) / len(S) if S else 0.0
+
+
+class FTW(Selector):
+    def __init__(
+        self,
+        name: str,
+        geometry: str = "adam",
+        filter: str = "omp",
+        weights: str = "nnls",
+        metric: str = "D",
+        adam_q: str = "pool",
+        momentum_correction: bool = False,
+        alpha: float = 1.0,
+        fill: str = "none",
+        w_max: float = 5.0,
+        ridge: float = 1e-4,
+        omp_tol: float = 1e-3,
+        empty_support: str = "topk",
+        warmup_steps: int = 0,
+        log_overlap_less: bool = True,
+        **kw: Any,
+    ) -> None:
+        super().__init__(name=name, **kw)
+        self.name = name
+        self.geometry = choice("geometry", geometry, ("adam", "sgd"))
+        self.filter = choice("filter", filter, ("omp", "greedy", "topk"))
+        self.weights = choice("weights", weights, ("nnls", "uniform"))
+        self.metric_key = choice("metric", metric, ("D", "D2"))
+        self.adam_q = choice("adam_q", adam_q, ("pool", "state", "taylor"))
+        self.fill = choice("fill", fill, ("none", "alignment"))
+        self.empty_support = choice("empty_support", empty_support, ("topk", "skip"))
+        self.momentum_correction = bool(momentum_correction)
+        for key, val, ok in (
+            ("alpha", alpha, alpha > 0),
+            ("w_max", w_max, w_max >= 1),  # mean 1 needs room above 1
+            ("ridge", ridge, ridge >= 0),
+            ("omp_tol", omp_tol, omp_tol >= 0),
+            ("warmup_steps", warmup_steps, warmup_steps >= 0),
+        ):
+            if not ok:
+                raise ValueError(f"selector.{key} out of range, got {val!r}")
+        if self.momentum_correction and (geometry != "adam" or metric != "D"):
+            raise ValueError(
+                "selector.momentum_correction needs geometry=adam and metric=D "
+                "(the drift target holds D^-1 theta, the engine's decay direction for M = D)"
+            )
+        self.alpha, self.w_max, self.ridge, self.omp_tol = float(alpha), float(w_max), float(ridge), float(omp_tol)
+        self.warmup_steps = int(warmup_steps)
+        self.metric = "sgd" if geometry == "sgd" else ("adam" if metric == "D" else "adam2")
+        aux = ("adam2",) if log_overlap_less and self.metric != "adam2" else ()
+        self.engine_kwargs = {"aux_metrics": aux} if aux else {}
+        if self.metric != "sgd" or aux:
+            self.engine_kwargs["adam_q"] = self.adam_q
+        self.log_overlap_less = bool(log_overlap_less)
+
+    def needs(self, step: int) -> str:
+        return "none" if step < self.warmup_steps else "grads"
+
+    def extra_dirs(self, step: int) -> tuple:
+        return ("momentum", "decay") if self.momentum_correction else ()
+
+    def problem(self, pool: Pool) -> tuple[np.ndarray, np.ndarray, float]:
+        """`(K, b, y2)`; with `momentum_correction` the target is
+        `g_T/alpha - b1/(1-b1) m - lam (1-b1^(t+1))/(1-b1) D^-1 theta` (METHOD section 4)."""
+        s = pool.scores
+        K, B = as_np(s.K), as_np(s.b).reshape(len(s.K), -1)
+        if not self.momentum_correction:
+            return K, B[:, 0], float(s.y2)
+        b1, lam, t = adam_constants(pool.optimizer)
+        coef = np.array([1.0 / self.alpha, -b1 / (1 - b1), -lam * (1 - b1 ** (t + 1)) / (1 - b1)])
+        return K, B @ coef, float(coef @ as_np(s.dir_gram) @ coef)
+
+    def filter_and_weight(self, K, b, y2, k, valid) -> tuple[list[int], np.ndarray, dict]:
+        """Stage 1 and 2 before normalisation: the support and its (unnormalised) weights."""
+        lam = ridge_lambda(K, self.ridge)
+        info: dict[str, float] = {}
+        if self.filter == "omp":
+            res = omp(K, b, y2, k, lam, self.omp_tol, valid)
+            S, u = res.support, res.u
+            info["omp_iters"] = float(res.iters)
+        else:
+            if self.filter == "greedy":  # gain b_i - (alpha/k)(K_ii/2 + sum_{j in S} K_ij)
+                c = self.alpha / k
+                S = greedy_interaction(b - 0.5 * c * np.diag(K), K, k, c, valid)[0]
+            else:
+                S = topk(b, k, valid=valid)
+            u = np.ones(len(S))
+            if self.weights == "nnls" and S:
+                u = nnls_gram(K[np.ix_(S, S)] + lam * np.eye(len(S)), b[S])
+        if self.weights == "uniform":
+            u = np.ones(len(S))
+        keep = u > 0
+        return [i for i, kept in zip(S, keep) if kept], u[keep], info
+
+    def select(self, pool: Pool) -> Selection:
+        if pool.step < self.warmup_steps:
+            sel = uniform(torch.randperm(len(pool.rows), generator=pool.rng)[: pool.k].tolist())
+            sel.diagnostics = {"warmup": 1.0}
+            return sel
+        s, k = pool.scores, pool.k
+        K, b, y2 = self.problem(pool)
+        valid = candidates(s)
+        align = np.divide(b, np.sqrt(np.diag(K)), out=np.full_like(b, -np.inf), where=valid)
+        S, u, diag = self.filter_and_weight(K, b, y2, k, valid)
+        diag["n_eff"] = float(len(S))
+        fallback = FALLBACK_NONE
+        if not S:  # u = 0 is the optimum: no candidate has b_i > 0 (or none is usable)
+            fallback = FALLBACK_TOPK if self.empty_support == "topk" else FALLBACK_SKIP
+            if fallback == FALLBACK_TOPK:
+                S = topk(align, k, valid=valid)
+            u = np.ones(len(S))
+        w, bound, all_max = normalise_and_cap(u, self.w_max)
+        if self.fill == "alignment" and fallback == FALLBACK_NONE and len(S) < k:
+            rest = valid.copy()
+            rest[S] = False
+            extra = topk(align, k - len(S), valid=rest)
+            S, w = S + extra, np.concatenate([w, np.ones(len(extra))])
+        explained, alpha_star = explained_and_scale(K, b, y2, S, w)
+        diag.update(
+            explained=explained,
+            alpha_star=alpha_star,
+            n_selected=float(len(S)),
+            cap_bound=float(bound),
+            cap_all_wmax=float(all_max),
+            fallback=float(fallback),
+            overlap_topk=overlap(S, topk(b, k, valid=valid)),
+            warmup=0.0,
+        )
+        if s.poor_frac is not None:
+            diag["poor_frac"] = float(s.poor_frac)
+        less = self.less_ranking(s)
+        if less is not None:
+            diag["overlap_less"] = overlap(S, topk(less, k, valid=valid))
+        return Selection([int(i) for i in S], np.asarray(w, dtype=np.float64), diag)
+
+    def less_ranking(self, s) -> np.ndarray | None:
+        """`less`'s scores (cosine in the D^2 metric), when this step's Scores carry them."""
+        if not self.log_overlap_less:
+            return None
+        aux = (getattr(s, "aux", None) or {}).get("adam2")
+        if aux is not None:
+            return less_scores(aux["b"], aux["sq_norms"])
+        if self.metric == "adam2":
+            return less_scores(s.b[:, 0], s.sq_norms)
+        return None

@@ -1,0 +1,15 @@
+"""`gradnorm`: top-k by `|g_i|^2` (SGD geometry), uniform weights; a cheap baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fwsel.selectors.base import Pool
+from fwsel.selectors.tracin import ScoreTopK, as_np
+
+
+class GradNorm(ScoreTopK):
+    metric = "sgd"
+
+    def score(self, pool: Pool) -> np.ndarray:
+        return as_np(pool.scores.sq_norms)

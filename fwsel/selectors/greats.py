@@ -1,0 +1,53 @@
+"""`greats` (Wang et al., NeurIPS 2024): greedy on `<g_i, g_T> - gamma eta sum_{j in S} <g_i, g_j>`.
+
+Upstream's `eta <g_i, g_T> - eta^2 sum <g_i, g_j>` divided by `eta`: the same picks for
+`eta > 0`, and top-k TracIn at `eta = 0` (the limit) instead of an arbitrary first k. SGD
+geometry, no self-term, uniform weights, exactly min(k, candidates) picks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fwsel.selectors.base import Pool, Selection
+from fwsel.selectors.tracin import ScoreTopK, as_np, candidates
+
+
+def greedy_interaction(b, K, k: int, scale: float, valid) -> tuple[list[int], float, float]:
+    """Greedy picks on `b_i - scale sum_{j in S} K_ij`; ties by pool position.
+
+    Returns (picks, first-order total, interaction total) summed over the picks at the time
+    each was taken.
+    """
+    gain = np.where(valid, b, -np.inf)
+    picks: list[int] = []
+    first = inter = 0.0
+    for _ in range(min(k, int(np.sum(valid)))):
+        i = int(np.argmax(gain))  # argmax returns the first maximum: the lowest position
+        first += b[i]
+        inter += b[i] - gain[i]
+        picks.append(i)
+        gain = gain - scale * K[:, i]
+        gain[picks] = -np.inf
+    return picks, first, inter
+
+
+class Greats(ScoreTopK):
+    metric = "sgd"
+
+    def __init__(self, name: str, interaction_scale: float = 1.0, **kw: Any) -> None:
+        super().__init__(name=name, interaction_scale=interaction_scale, **kw)
+        if not interaction_scale >= 0:
+            raise ValueError(f"selector.interaction_scale must be >= 0, got {interaction_scale!r}")
+        self.gamma = float(interaction_scale)
+
+    def select(self, pool: Pool) -> Selection:
+        s = pool.scores
+        b = as_np(s.b[:, 0])
+        picks, first, inter = greedy_interaction(
+            b, as_np(s.K), pool.k, self.gamma * float(pool.lr), candidates(s)
+        )
+        ratio = abs(inter) / abs(first) if first != 0 else (0.0 if inter == 0 else float("inf"))
+        return Selection(picks, np.ones(len(picks)), {"interaction_ratio": float(ratio)})
