@@ -259,7 +259,9 @@ def test_less_gradnorm_maxloss_rankings():
         ({"geometry": "lion"}, "selector.geometry must be one of adam|sgd"),
         ({"adam_q": "v"}, "selector.adam_q must be one of pool|state|taylor"),
         ({"fill": None}, "selector.fill must be one of none|alignment"),
-        ({"w_max": 0.5}, "selector.w_max"),
+        ({"w_max": 0.5}, "selector.w_max must be a number >= 1.0, got 0.5"),
+        ({"ridge": None}, "selector.ridge must be a number >= 0.0, got None"),
+        ({"alpha": 0}, "selector.alpha must be a number > 0.0"),
         ({"momentum_correction": True, "geometry": "sgd"}, "needs geometry=adam"),
     ],
 )

@@ -53,8 +53,9 @@ class SyntheticStream:
 
     known_size = None  # endless
 
-    def __init__(self, seed: int, mixture: dict, n_duplicates: int, target: TargetSplit) -> None:
-        self.seed = int(seed)
+    def __init__(self, seed: int, mixture: dict, n_duplicates: int, target: TargetSplit,
+                 noisy_mode: str = "random") -> None:
+        self.seed, self.noisy_mode = int(seed), noisy_mode
         self.target = target
         names = list(mixture)
         unknown = set(names) - set(SOURCES)
@@ -82,8 +83,12 @@ class SyntheticStream:
             p, r = _add(*self.dups[int(rng.integers(len(self.dups)))])
         elif src == "noisy":
             a, b = (int(x) for x in rng.integers(LO, HI, 2))
-            wrong = int(rng.integers(2 * LO, 2 * HI - 1))
-            p, r = _add(a, b)[0], str(wrong if wrong != a + b else wrong + 1)
+            p, r = _add(a, b)
+            if self.noisy_mode == "reversed" and r[::-1] != r:  # a systematic, learnable corruption
+                r = r[::-1]
+            else:
+                wrong = int(rng.integers(2 * LO, 2 * HI - 1))
+                r = str(wrong if wrong != a + b else wrong + 1)
         elif src == "related":
             a, b = int(rng.integers(0, 10)), int(rng.integers(0, HI))
             p, r = _add(*((a, b) if rng.random() < 0.5 else (b, a)))

@@ -83,15 +83,15 @@ class FTW(Selector):
         self.fill = choice("fill", fill, ("none", "alignment"))
         self.empty_support = choice("empty_support", empty_support, ("topk", "skip"))
         self.momentum_correction = bool(momentum_correction)
-        for key, val, ok in (
-            ("alpha", alpha, alpha > 0),
-            ("w_max", w_max, w_max >= 1),  # mean 1 needs room above 1
-            ("ridge", ridge, ridge >= 0),
-            ("omp_tol", omp_tol, omp_tol >= 0),
-            ("warmup_steps", warmup_steps, warmup_steps >= 0),
+        for key, val, lo in (
+            ("alpha", alpha, 0.0),
+            ("w_max", w_max, 1.0),  # mean 1 needs room above 1
+            ("ridge", ridge, 0.0),
+            ("omp_tol", omp_tol, 0.0),
+            ("warmup_steps", warmup_steps, 0.0),
         ):
-            if not ok:
-                raise ValueError(f"selector.{key} out of range, got {val!r}")
+            if not isinstance(val, (int, float)) or not (val > lo if key == "alpha" else val >= lo):
+                raise ValueError(f"selector.{key} must be a number {'>' if key == 'alpha' else '>='} {lo}, got {val!r}")
         if self.momentum_correction and (geometry != "adam" or metric != "D"):
             raise ValueError(
                 "selector.momentum_correction needs geometry=adam and metric=D "

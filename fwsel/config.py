@@ -1,0 +1,34 @@
+"""Checks that run before training starts: one line naming the key and what is allowed."""
+
+from __future__ import annotations
+
+from fwsel.errors import ConfigError
+from fwsel.schedule import SCHEDULES
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg) -> None:
+    _check(isinstance(cfg.budget, (int, float)) and 0 < float(cfg.budget) <= 1,
+           f"budget must be in (0, 1], got {cfg.budget!r}")
+    for key in ("batch_size", "steps", "eval_every"):
+        v = cfg[key]
+        _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{key} must be an integer >= 1, got {v!r}")
+    _check(cfg.target.batch_size >= 1, f"target.batch_size must be >= 1, got {cfg.target.batch_size!r}")
+    _check(cfg.micro_batch_size is None or int(cfg.micro_batch_size) >= 1,
+           f"micro_batch_size must be null or >= 1, got {cfg.micro_batch_size!r}")
+    _check(cfg.optim.schedule in SCHEDULES,
+           f"optim.schedule must be one of {'|'.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
+    _check(cfg.optim.max_grad_norm is None or float(cfg.optim.max_grad_norm) > 0,
+           f"optim.max_grad_norm must be null or > 0, got {cfg.optim.max_grad_norm!r}")
+    allowed = {"tiny": ("fp32", "fp64"), "hf": ("auto", "bf16", "fp16", "fp32", "fp64")}
+    _check(cfg.model.kind in allowed, f"model.kind must be one of tiny|hf, got {cfg.model.kind!r}")
+    _check(cfg.model.dtype in allowed[cfg.model.kind],
+           f"model.dtype must be one of {'|'.join(allowed[cfg.model.kind])}, got {cfg.model.dtype!r}")
+    _check(cfg.device == "auto" or str(cfg.device).split(":")[0] in ("cpu", "cuda", "mps"),
+           f"device must be auto|cpu|cuda|cuda:N, got {cfg.device!r}")
+    _check(str(cfg.progress).lower() in ("auto", "true", "false"),
+           f"progress must be auto|true|false, got {cfg.progress!r}")
