@@ -59,6 +59,10 @@ def test_duplicates_repeat_a_handful_of_target_rows_and_noisy_rows_are_wrong():
             assert int(r["response"]) == int(a) + int(b)
         if r["source"] == "noisy":
             assert int(r["response"]) != int(a) + int(b)
+            true = str(int(a) + int(b))
+            assert r["response"] == true[::-1] or true == true[::-1]  # reversed digits (palindromes: random)
+    with pytest.raises(ValueError, match="noisy_mode must be one of reversed|random"):
+        SyntheticStream(0, MIX, 4, TargetSplit(0, 64, 256), "bogus")
 
 
 def test_file_target_split_rule():

@@ -36,11 +36,20 @@ def split_target(rows: list[dict], tcfg) -> tuple[list[dict], list[dict]]:
     return select, evals
 
 
+def synthetic(cfg) -> tuple[SyntheticStream, TargetSplit]:
+    """The embedded stream and its target split, from the config alone."""
+    d, t = cfg.data, cfg.target
+    try:
+        split = TargetSplit(int(t.split_seed), int(t.select_size), int(t.eval_size))
+        return SyntheticStream(int(cfg.seed), dict(d.mixture), int(d.n_duplicates), split, d.noisy_mode), split
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def build_data(cfg) -> Data:
     d, t = cfg.data, cfg.target
     if d.kind == "synthetic":
-        split = TargetSplit(int(t.split_seed), int(t.select_size), int(t.eval_size))
-        stream = SyntheticStream(int(cfg.seed), dict(d.mixture), int(d.n_duplicates), split, d.get("noisy_mode", "random"))
+        stream, split = synthetic(cfg)
         return Data(stream, split.select, split.eval)
     if d.kind == "jsonl":
         on_error = d.get("on_error", "raise")
@@ -56,9 +65,7 @@ def build_data(cfg) -> Data:
 def lookup_rows(cfg, ids: list[str]) -> list[dict]:
     """Rows for stable ids: `seed:step:pos` (generated) or `file:line` (files)."""
     if cfg.data.kind == "synthetic":
-        split = TargetSplit(int(cfg.target.split_seed), int(cfg.target.select_size), int(cfg.target.eval_size))
-        stream = SyntheticStream(int(cfg.seed), dict(cfg.data.mixture), int(cfg.data.n_duplicates), split,
-                                 cfg.data.get("noisy_mode", "random"))
+        stream = synthetic(cfg)[0]
         return [stream.lookup(i) for i in ids]
     field = cfg.data.get("source_field", "source")
     out = []

@@ -2,7 +2,9 @@
 
 Sources (each row tagged): `target` (2-digit addition, the task the target set measures),
 `related` (easier additions in the same format: they teach the same carries), `noisy`
-(target-format rows with wrong answers: harmful), `irrelevant` (reverse a word), and
+(target-format rows with wrong answers: by default the true sum's digits reversed, a
+systematic error a model can learn and that costs it target loss; `random` wrong sums mostly
+teach the answers' digit distribution and hurt far less), `irrelevant` (reverse a word), and
 `duplicate` (a handful of target rows repeated: redundancy a selector can win or lose on).
 Row `(t, pos)` is a pure function of `(seed, t, pos)`, so any pool, shard or exported id
 can be regenerated without replaying the stream.
@@ -18,6 +20,7 @@ from fwsel.rng import np_rng
 
 SOURCES = ("target", "related", "noisy", "irrelevant", "duplicate")
 LO, HI = 10, 100  # target operands: 2-digit numbers
+NOISY_MODES = ("reversed", "random")
 
 
 def _add(a: int, b: int) -> tuple[str, str]:
@@ -54,7 +57,9 @@ class SyntheticStream:
     known_size = None  # endless
 
     def __init__(self, seed: int, mixture: dict, n_duplicates: int, target: TargetSplit,
-                 noisy_mode: str = "random") -> None:
+                 noisy_mode: str = "reversed") -> None:
+        if noisy_mode not in NOISY_MODES:
+            raise ValueError(f"data.noisy_mode must be one of {'|'.join(NOISY_MODES)}, got {noisy_mode!r}")
         self.seed, self.noisy_mode = int(seed), noisy_mode
         self.target = target
         names = list(mixture)
@@ -84,7 +89,7 @@ class SyntheticStream:
         elif src == "noisy":
             a, b = (int(x) for x in rng.integers(LO, HI, 2))
             p, r = _add(a, b)
-            if self.noisy_mode == "reversed" and r[::-1] != r:  # a systematic, learnable corruption
+            if self.noisy_mode == "reversed" and r[::-1] != r:  # palindromic sums fall through to random
                 r = r[::-1]
             else:
                 wrong = int(rng.integers(2 * LO, 2 * HI - 1))
