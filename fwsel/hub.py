@@ -71,7 +71,9 @@ def check_source(name, key: str, what: str, repo_type: str = "model", revision=N
     if os.path.isdir(path):
         return True
     if looks_local(name):
-        raise ConfigError(f"cannot load {what} {name!r}: no such directory; {hint}")
+        why = "a file, not a directory" if os.path.exists(path) else "no such directory"
+        extra = " (or read files with data=jsonl data.files=...)" if repo_type == "dataset" else ""
+        raise ConfigError(f"cannot load {what} {name!r}: {why}; {hint}{extra}")
     if offline():
         if cached(name, repo_type, revision):
             return True

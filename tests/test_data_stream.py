@@ -98,6 +98,8 @@ def test_hf_local_dir_streams_deterministically_and_exports(tmp_path):
     assert pa[0]["id"].startswith(f"{root}:train:") and pa[0]["source"] == "s" and "choices" in pa[0]
     assert sorted(r["prompt"] for r in a.select + a.eval) == sorted(f"v{i}\nA. x\nB. y\nAnswer:" for i in range(12))
     assert lookup_rows(cfg_for(data, seed=1), ids(pa)) == pa
+    from_stream = build_data(cfg_for(data, from_stream=6))  # wins over the default target split
+    assert sorted(r["id"] for r in from_stream.select + from_stream.eval) == sorted(f"{root}:train:{i}" for i in range(6))
     limited = build_data(cfg_for({**data, "target_limit": 6}))
     assert sorted(int(r["prompt"].split("\n")[0][1:]) for r in limited.select + limited.eval) == list(range(6))
     with pytest.raises(ConfigError, match=r"cannot load dataset '.*nope'.*point at a local copy with data.name=/path/to/dir"):

@@ -91,7 +91,7 @@ def _readers(cfg):
         raise ConfigError("data.name is required for data=hf: a hub dataset name or a local dir")
     reader = _hf_reader(d, d.name, d.get("config"), d.get("split", "train"))
     target = None
-    if d.get("target_split"):
+    if d.get("target_split") and not cfg.target.get("from_stream"):  # from_stream wins over the default split
         target = _hf_reader(d, d.get("target_name") or d.name, d.get("target_config"),
                             d.target_split, limit=d.get("target_limit"))
     return reader, target, reader.known_size()
