@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from fwsel.data import Data
 from fwsel.data.collate import Collator
 from fwsel.data.files import FileReader, IterStream
-from fwsel.errors import ConfigError
+from fwsel.errors import ConfigError, DataError
 from fwsel.hub import set_pad_token
 from helpers_real import write_jsonl
 
@@ -102,3 +102,20 @@ def test_unsupervised_rows_are_dropped_and_counted(toks, tmp_path):
     assert stream.pool(1, 6) == [] and data.counts()["data_unsupervised"] == 6
     with pytest.raises(ConfigError, match="the target eval split has no row with a supervised token left"):
         Data(stream, [{"id": "s", "text": "the lazy dog"}], [{"id": "e", "text": ""}]).attach(tok_no_eos)
+
+
+def test_chat_template_error_names_the_row_or_is_skipped(tiny_ckpts, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_ckpts["qwen"])
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+                         "{% endif %}{{ m['content'] }}\n{% endfor %}")
+    ok = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    bad = {"messages": [{"role": "system", "content": "x"}, *ok["messages"]]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [ok, bad, ok])
+    for on_error in ("raise", "skip"):
+        stream = IterStream(FileReader([path], on_error=on_error), seed=0, on_error=on_error)
+        stream.row_filter = Collator(tok, 64).check
+        if on_error == "raise":
+            with pytest.raises(DataError, match=rf"^{path}:2: the tokenizer's chat template failed .*no system role"):
+                stream.pool(0, 2)
+        else:
+            assert [r["id"] for r in stream.pool(0, 2)] == [f"{path}:1", f"{path}:3"] and stream.skipped == 1

@@ -9,11 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fwsel.data.collate import Collator
+from fwsel.data.files import FileReader
 from fwsel.errors import ConfigError
 from fwsel.evaluate import evaluate
 from fwsel.hub import save_model
 from fwsel.modeling import build_model
-from helpers_real import hf_cfg
+from helpers_real import hf_cfg, write_jsonl
 
 CPU = torch.device("cpu")
 
@@ -106,7 +107,7 @@ def test_engine_products_identical_with_gradient_checkpointing(tiny_ckpts):
     torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-10, atol=0)
 
 
-def test_mc_accuracy_by_option_likelihood(tiny_ckpts):
+def test_mc_accuracy_by_option_likelihood(tiny_ckpts, tmp_path):
     model, tok = build_model(hf_cfg(tiny_ckpts["llama"], {"lora.enabled": False}), CPU)
     model.eval()
     from fwsel.data.formats import to_row
@@ -130,8 +131,10 @@ def test_mc_accuracy_by_option_likelihood(tiny_ckpts):
     best = [oracle(q, ch) for q, ch in zip(questions, choices)]
     col = Collator(tok, 64)
     for shift, acc in ((0, 1.0), (1, 0.0)):
-        rows = [to_row({"question": q, "choices": ch, "answer": (b + shift) % len(ch)}, f"f:{i}")
-                for i, (q, ch, b) in enumerate(zip(questions, choices, best))]
+        path = write_jsonl(tmp_path / f"mc{shift}.jsonl", [  # answers as letters, the way MMLU exports often give them
+            {"question": q, "choices": ch, "answer": "ABCD"[(b + shift) % len(ch)]}
+            for q, ch, b in zip(questions, choices, best)])
+        rows = list(FileReader([path]))
         got = evaluate(model, col, rows, CPU, chunk_tokens=4096, batch_rows=3)
         assert got["target_eval_mc_acc"] == acc
     text = evaluate(model, col, [{"id": "t", "text": "The quick brown fox"}], CPU, chunk_tokens=4096)

@@ -122,7 +122,7 @@ def build_data(cfg) -> Data:
     else:
         target_rows = list(target)
     select, evals = split_target(target_rows, t)
-    stream = IterStream(reader, int(cfg.seed), int(d.get("shuffle_buffer", 0) or 0), size)
+    stream = IterStream(reader, int(cfg.seed), int(d.get("shuffle_buffer", 0) or 0), size, d.get("on_error", "raise"))
     return Data(stream, select, evals)
 
 

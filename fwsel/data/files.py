@@ -201,26 +201,35 @@ class IterStream:
     `skipped`, `unsupervised` and `truncated` count bad, dropped and cut rows read so far.
     """
 
-    def __init__(self, reader, seed: int, shuffle_buffer: int = 0, known_size: int | None = None) -> None:
+    def __init__(self, reader, seed: int, shuffle_buffer: int = 0, known_size: int | None = None,
+                 on_error: str = "raise") -> None:
         self.reader, self.seed, self.buffer = reader, int(seed), int(shuffle_buffer)
-        self.known_size = known_size
+        self.known_size, self.on_error = known_size, on_error
         self.row_filter: Callable[[dict], tuple[bool, bool]] | None = None
         self._it, self.consumed = None, 0
-        self.unsupervised = self.truncated = 0
+        self.unsupervised = self.truncated = self._bad = 0
 
     @property
     def skipped(self) -> int:
-        return getattr(self.reader, "skipped", 0)
+        """Bad records: from the reader, plus rows the tokenizer side rejected (e.g. a chat template error)."""
+        return getattr(self.reader, "skipped", 0) + self._bad
 
     def counts(self) -> dict:
         return {"data_skipped": self.skipped, "data_unsupervised": self.unsupervised,
                 "data_truncated": self.truncated}
 
     def _usable(self) -> Iterator[dict]:
-        self.unsupervised = self.truncated = 0
+        self.unsupervised = self.truncated = self._bad = 0
         for row in self.reader:
             if self.row_filter is not None:
-                ok, cut = self.row_filter(row)
+                try:
+                    ok, cut = self.row_filter(row)
+                except DataError as e:
+                    if self.on_error != "skip":
+                        raise
+                    self._bad += 1
+                    log.warning("skipping %s", e)
+                    continue
                 self.truncated += int(cut)
                 if not ok:
                     self.unsupervised += 1
