@@ -28,6 +28,13 @@ def validate(cfg) -> None:
     _check(cfg.model.kind in allowed, f"model.kind must be one of tiny|hf, got {cfg.model.kind!r}")
     _check(cfg.model.dtype in allowed[cfg.model.kind],
            f"model.dtype must be one of {'|'.join(allowed[cfg.model.kind])}, got {cfg.model.dtype!r}")
+    _check(cfg.model.kind != "hf" or bool(cfg.model.get("name_or_path")),
+           "model.name_or_path is required for model.kind=hf: a hub name or a local dir")
+    _check(cfg.data.kind in ("synthetic", "jsonl", "hf"), f"data.kind must be one of synthetic|jsonl|hf, got {cfg.data.kind!r}")
+    _check(cfg.data.get("on_error", "raise") in ("raise", "skip"),
+           f"data.on_error must be raise|skip, got {cfg.data.get('on_error')!r}")
+    _check(cfg.target.get("from_stream") is None or int(cfg.target.from_stream) >= 2,
+           f"target.from_stream must be null or an integer >= 2, got {cfg.target.get('from_stream')!r}")
     _check(cfg.device == "auto" or str(cfg.device).split(":")[0] in ("cpu", "cuda", "mps"),
            f"device must be auto|cpu|cuda|cuda:N, got {cfg.device!r}")
     _check(str(cfg.progress).lower() in ("auto", "true", "false"),

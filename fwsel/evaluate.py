@@ -1,24 +1,62 @@
-"""Target evaluation: mean per-sample loss and exact match (teacher-forced argmax) on `eval`."""
+"""Target evaluation on `eval`: mean per-sample loss, token perplexity, exact match, and
+multiple-choice accuracy.
+
+* `target_eval_loss`: mean over rows of each row's mean-token loss (the training objective).
+* `target_eval_ppl`: exp(total loss / total supervised tokens), token-level perplexity.
+* `target_eval_acc`: exact match, teacher-forced: every supervised token is the argmax.
+* `target_eval_mc_acc` (only when eval rows carry `choices`, i.e. MMLU-style rows): the
+  option whose continuation (` A`, ` B`, ...) has the highest summed log-likelihood after
+  the row's prompt is the answer, as the lm-eval harness scores MMLU.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from fwsel.data.formats import mc_option
 from fwsel.grads.loss import sequence_losses
+
+
+def _losses(model, collate, rows, device, chunk_tokens, batch_rows, eos=True, with_correct=False):
+    losses, n_tok, correct = [], [], []
+    for i in range(0, len(rows), batch_rows):
+        batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_rows], eos=eos).items()}
+        out = sequence_losses(model, batch, chunk_tokens=chunk_tokens, with_correct=with_correct)
+        losses.append(out.losses.double().cpu())
+        n_tok.append(out.n_tokens.cpu())
+        if with_correct:
+            correct.append(out.correct.cpu())
+    return torch.cat(losses), torch.cat(n_tok), (torch.cat(correct) if with_correct else None)
+
+
+def mc_accuracy(model, collate, rows: list[dict], device, chunk_tokens: int, batch_rows: int = 64) -> float:
+    """Share of MC rows whose answer has the highest option log-likelihood (no EOS scored)."""
+    options = [{"id": r["id"], "prompt": r["prompt"], "response": mc_option(j)}
+               for r in rows for j in range(len(r["choices"]))]
+    losses, n_tok, _ = _losses(model, collate, options, device, chunk_tokens, batch_rows, eos=False)
+    loglik = -(losses * n_tok.double())
+    hits, s = 0, 0
+    for r in rows:
+        n = len(r["choices"])
+        hits += int(int(torch.argmax(loglik[s:s + n])) == int(r["answer"]))
+        s += n
+    return hits / len(rows)
 
 
 @torch.no_grad()
 def evaluate(model, collate, rows: list[dict], device, chunk_tokens: int, batch_rows: int = 64) -> dict:
     was_training = model.training
     model.eval()  # no dropout: evaluation draws nothing from the training RNG
-    losses, correct = [], []
     try:
-        for i in range(0, len(rows), batch_rows):
-            batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_rows]).items()}
-            out = sequence_losses(model, batch, chunk_tokens=chunk_tokens, with_correct=True)
-            losses.append(out.losses.double().cpu())
-            correct.append(out.correct.cpu())
+        losses, n_tok, correct = _losses(model, collate, rows, device, chunk_tokens, batch_rows, with_correct=True)
+        out = {"target_eval_loss": losses.mean().item(),
+               "target_eval_acc": correct.double().mean().item(),
+               "target_eval_ppl": math.exp(min(float((losses * n_tok).sum() / n_tok.sum()), 700.0))}
+        mc = [r for r in rows if "choices" in r]
+        if mc:
+            out["target_eval_mc_acc"] = mc_accuracy(model, collate, mc, device, chunk_tokens, batch_rows)
     finally:
         model.train(was_training)
-    return {"target_eval_loss": torch.cat(losses).mean().item(),
-            "target_eval_acc": torch.cat(correct).double().mean().item()}
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 
 import numpy as np
@@ -47,6 +48,7 @@ class Trainer:
         self.selector = instantiate(cfg.selector, _convert_="all")
         self.model, self.tokenizer = build_model(cfg, self.device)
         self.collate = Collator(self.tokenizer, self._max_len())
+        self.data.attach(self.collate)  # drops rows with no supervised token left after truncation
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.params, self.steps)
         self.engine = None  # built on the first step that needs gradients
@@ -127,6 +129,7 @@ class Trainer:
                "sec_step": time.perf_counter() - t0, "sec_select": t_sel,
                "selected_per_source": dict(srcs), "weight_per_source": dict(wsum)}
         row.update({f"sel_{k}": v for k, v in sel.diagnostics.items()})
+        row.update(self.data.counts())  # data_skipped / data_unsupervised / data_truncated (file and hf streams)
         return row
 
     def eval_row(self) -> dict:
@@ -165,7 +168,11 @@ class Trainer:
             if self.progress is not None:
                 self.progress(t + 1, row)
         final = self.eval_row() if status == "exhausted" else {}
-        return {"status": status, **final}
+        if self.cfg.get("save_model"):
+            from fwsel.hub import save_model
+
+            final["model_dir"] = save_model(self.model, self.tokenizer, os.path.join(self.writer.dir, "model"))
+        return {"status": status, **final, **self.data.counts()}
 
     def close(self) -> None:
         if self.engine is not None:

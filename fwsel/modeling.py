@@ -51,8 +51,10 @@ def build_tiny(mcfg, tokenizer, seed: int):
 def add_lora(model, lcfg):
     from peft import LoraConfig, get_peft_model
 
+    targets = lcfg.target_modules  # a list of module names, or peft's "all-linear" (every Linear but the head)
     cfg = LoraConfig(r=int(lcfg.r), lora_alpha=float(lcfg.alpha), lora_dropout=float(lcfg.dropout),
-                     target_modules=list(lcfg.target_modules), bias="none", task_type="CAUSAL_LM")
+                     target_modules=targets if isinstance(targets, str) else list(targets), bias="none",
+                     task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
 
 
@@ -79,6 +81,8 @@ def build_model(cfg, device: torch.device):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int_seed(int(cfg.seed), "lora-init"))
             model = add_lora(model, cfg.lora)
-        model = model.to(device=device, dtype=dtype)  # adapters in the model dtype
+        # adapters stay float32 on a bf16/fp16 base (peft's autocast_adapter_dtype: AdamW steps on
+        # half-precision adapters round away); otherwise they take the model dtype (fp64 oracles)
+        model = model.to(device=device) if dtype in (torch.bfloat16, torch.float16) else model.to(device, dtype)
     model.train()
     return model, tokenizer

@@ -91,8 +91,7 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
         close_bar()
         evals = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r.get("target_eval_loss") is not None]
         if evals:
-            writer.update_summary(target_eval_loss=evals[-1]["target_eval_loss"],
-                                  target_eval_acc=evals[-1]["target_eval_acc"])
+            writer.update_summary(**{k: v for k, v in evals[-1].items() if k.startswith("target_eval_")})
         writer.update_summary(wall_s=round(time.time() - start, 3))
         if trainer is not None:
             trainer.close()

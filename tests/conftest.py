@@ -31,3 +31,6 @@ def _torch_threads():
 
     torch.set_num_threads(1)
     yield
+
+
+from helpers_real import tiny_ckpts  # noqa: E402,F401 - session fixture: tiny Llama/Qwen3 checkpoints on disk

@@ -12,7 +12,7 @@ from fwsel.config import validate
 CONF = Path(__file__).resolve().parents[1] / "conf"
 OPTIONS = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))
 NEEDS = {("data", "jsonl"): ["data.files=x.jsonl", "data.target_files=y.jsonl"],
-         ("data", "hf"): ["data.name=some/dataset"]}
+         ("data", "hf"): ["data.name=some/dataset"], ("model", "hf"): ["model.name_or_path=./some-model"]}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

@@ -8,7 +8,7 @@ import pytest
 from helpers_runs import read_run, train, train_losses
 
 from fwsel.data import build_data
-from fwsel.data.files import IterStream, JsonlReader
+from fwsel.data.files import FileReader, IterStream
 
 # seed 0, default config (selector=ftw, tiny, budget 0.25, k = 8): the first five training losses.
 # A change here means the stream, the model init, the tokenizer or the default selector changed.
@@ -83,7 +83,7 @@ def test_stream_needs_no_state_beyond_the_step(tmp_path):
 
     f = tmp_path / "rows.jsonl"
     f.write_text("".join(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n" for i in range(50)))
-    a, b = (IterStream(JsonlReader([str(f)]), seed=1, shuffle_buffer=8) for _ in range(2))
+    a, b = (IterStream(FileReader([str(f)]), seed=1, shuffle_buffer=8) for _ in range(2))
     for t in range(3):
         a.pool(t, 5)
     assert a.pool(3, 5) == b.pool(3, 5)  # a file stream restores its position by replaying

@@ -1,19 +1,27 @@
 """Data sources: a stream of candidate pools plus a target set split into select / eval.
 
 `build_data(cfg)` returns a `Data` with `stream.pool(t, n)` (rows of step t), `select` and
-`eval` rows. Every row is a dict with `id`, `source` and text fields (`prompt`/`response`
-or `text`). `lookup_rows(cfg, ids)` turns stable ids back into rows (for export).
+`eval` rows. Every row is a dict with `id`, `source` and text fields (`prompt`/`response`,
+`text` or `messages`; see `fwsel.data.formats`). `lookup_rows(cfg, ids)` turns stable ids
+back into rows (for export).
+
+Target sets: `data.target_files` (jsonl) or `data.target_split` (hf), or, with
+`target.from_stream=M`, the first M rows of source `data.target_source` (null: any source)
+of the unshuffled stream, which are then removed from training.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
-from fwsel.data.files import IterStream, JsonlReader, expand, read_line
+from fwsel.data.files import FileReader, IterStream, Without, expand, read_record, take_first
 from fwsel.data.synthetic import SyntheticStream, TargetSplit
 from fwsel.errors import ConfigError
 from fwsel.rng import np_rng
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -21,6 +29,26 @@ class Data:
     stream: Any
     select: list[dict]
     eval: list[dict]
+
+    def attach(self, collate) -> None:
+        """Once the tokenizer exists: drop rows with no supervised token left (stream and target)."""
+        if hasattr(self.stream, "row_filter"):
+            self.stream.row_filter = collate.check
+        for split in ("select", "eval"):
+            rows = getattr(self, split)
+            kept = [r for r in rows if collate.check(r)[0]]
+            if len(kept) < len(rows):
+                log.warning("target %s split: %d of %d rows have no supervised token left after truncation: "
+                            "dropped", split, len(rows) - len(kept), len(rows))
+            if not kept:
+                raise ConfigError(f"the target {split} split has no row with a supervised token left "
+                                  f"(raise data.max_len?)")
+            setattr(self, split, kept)
+
+    def counts(self) -> dict:
+        """Rows skipped as bad data, dropped as unsupervised and truncated so far (file/hf streams)."""
+        counts = getattr(self.stream, "counts", None)
+        return counts() if callable(counts) else {}
 
 
 def split_target(rows: list[dict], tcfg) -> tuple[list[dict], list[dict]]:
@@ -46,30 +74,86 @@ def synthetic(cfg) -> tuple[SyntheticStream, TargetSplit]:
         raise ConfigError(str(e)) from None
 
 
+def _reader_kw(d) -> dict:
+    fields = d.get("fields")
+    return {"source_field": d.get("source_field", "source"), "on_error": d.get("on_error", "raise"),
+            "fields": dict(fields) if fields else None}
+
+
+def _hf_reader(d, name, config, split, limit=None):
+    from fwsel.data.hf import HFReader
+
+    return HFReader(name, config, split, revision=d.get("revision"), limit=limit, **_reader_kw(d))
+
+
+def _readers(cfg):
+    """(train reader, target reader or None, known size of the train reader)."""
+    d = cfg.data
+    if d.kind == "jsonl":
+        if not d.get("files"):
+            raise ConfigError("data.files is required for data=jsonl: a path or glob, e.g. data.files='train/*.jsonl'")
+        fmt = d.get("format", "auto")
+        reader = FileReader(expand(d.files, "data.files"), fmt=fmt, **_reader_kw(d))
+        target = (FileReader(expand(d.target_files, "data.target_files"), fmt=fmt, **_reader_kw(d))
+                  if d.get("target_files") else None)
+        return reader, target, reader.count()
+    if not d.get("name"):
+        raise ConfigError("data.name is required for data=hf: a hub dataset name or a local dir")
+    reader = _hf_reader(d, d.name, d.get("config"), d.get("split", "train"))
+    target = None
+    if d.get("target_split") and not cfg.target.get("from_stream"):  # from_stream wins over the default split
+        target = _hf_reader(d, d.get("target_name") or d.name, d.get("target_config"),
+                            d.target_split, limit=d.get("target_limit"))
+    return reader, target, reader.known_size()
+
+
 def build_data(cfg) -> Data:
     d, t = cfg.data, cfg.target
     if d.kind == "synthetic":
+        if t.get("from_stream"):
+            raise ConfigError("target.from_stream applies to data=jsonl|hf (the embedded stream has its own target)")
         stream, split = synthetic(cfg)
         return Data(stream, split.select, split.eval)
-    if d.kind == "jsonl":
-        on_error = d.get("on_error", "raise")
-        reader = JsonlReader(expand(d.files, "data.files"), d.get("source_field", "source"), on_error)
-        target_rows = list(JsonlReader(expand(d.target_files, "data.target_files"),
-                                       d.get("source_field", "source"), on_error))
-        select, evals = split_target(target_rows, t)
-        stream = IterStream(reader, int(cfg.seed), int(d.get("shuffle_buffer", 0) or 0), reader.count())
-        return Data(stream, select, evals)
-    raise ConfigError(f"data.kind must be one of synthetic|jsonl, got {d.kind!r}")
+    if d.kind not in ("jsonl", "hf"):
+        raise ConfigError(f"data.kind must be one of synthetic|jsonl|hf, got {d.kind!r}")
+    reader, target, size = _readers(cfg)
+    m = t.get("from_stream")
+    if m:
+        if target is not None:
+            raise ConfigError("set either target.from_stream or data.target_files / data.target_split, not both")
+        source = d.get("target_source")
+        target_rows = take_first(reader, int(m), source)
+        reader = Without(reader, int(m), source)
+        size = None if size is None else size - int(m)
+    elif target is None:
+        keys = "data.target_files" if d.kind == "jsonl" else "data.target_split"
+        raise ConfigError(f"no target set: set {keys}, or target.from_stream=M (with data.target_source)")
+    else:
+        target_rows = list(target)
+    select, evals = split_target(target_rows, t)
+    stream = IterStream(reader, int(cfg.seed), int(d.get("shuffle_buffer", 0) or 0), size, d.get("on_error", "raise"))
+    return Data(stream, select, evals)
 
 
 def lookup_rows(cfg, ids: list[str]) -> list[dict]:
-    """Rows for stable ids: `seed:step:pos` (generated) or `file:line` (files)."""
-    if cfg.data.kind == "synthetic":
+    """Rows for stable ids: `seed:step:pos` (generated), `file:N` (files), `name:split:i` (hf)."""
+    d = cfg.data
+    if d.kind == "synthetic":
         stream = synthetic(cfg)[0]
         return [stream.lookup(i) for i in ids]
-    field = cfg.data.get("source_field", "source")
+    kw = _reader_kw(d)
+    if d.kind == "hf":
+        by_split: dict[tuple[str, str], list[str]] = {}
+        for rid in ids:
+            name, split, _ = rid.rsplit(":", 2)
+            by_split.setdefault((name, split), []).append(rid)
+        found = {}
+        for (name, split), group in by_split.items():
+            config = d.get("config") if (name, split) == (d.name, d.get("split")) else d.get("target_config")
+            found.update(zip(group, _hf_reader(d, name, config, split).lookup(group)))
+        return [found[rid] for rid in ids]
     out = []
     for rid in ids:
-        path, line = rid.rsplit(":", 1)
-        out.append(read_line(path, int(line), field))
+        path, n = rid.rsplit(":", 1)
+        out.append(read_record(path, int(n), kw["source_field"], d.get("format", "auto"), kw["fields"]))
     return out
