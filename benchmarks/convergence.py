@@ -101,7 +101,7 @@ def run_part(part: str, args) -> Path:
         data = []
         seeds = "0,1,2,3,4" if part == "main" else "0,1,2"
         if part == "sort":
-            mix = write_sort_mixture(RESULTS / "_data" / "sort")
+            mix = write_sort_mixture(ROOT / "benchmarks" / "data" / "sort")  # generated, git-ignored
             data = ["data=jsonl", f"data.files={mix / 'train.jsonl'}", f"data.target_files={mix / 'target.jsonl'}",
                     "data.max_len=32"]
         scale = dev_best_greats(RESULTS / "dev") if (RESULTS / "dev").exists() else 1.0
