@@ -43,6 +43,7 @@ class Selector:
     name = "base"
     metric = "sgd"  # GradEngine metric when needs() == "grads": sgd | adam | adam2
     engine_kwargs: dict = {}  # extra GradEngine settings (e.g. adam_q)
+    fidelity = False  # set by the loop under diagnostics.fidelity: also predict each step's effect
 
     def __init__(self, **cfg: Any) -> None:
         self.cfg = cfg
@@ -56,6 +57,11 @@ class Selector:
 
     def select(self, pool: Pool) -> Selection:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def predict_change(self, pool: Pool, indices, weights, clip: float) -> float | None:
+        """The target-loss change this selector's own model predicts for the update on
+        `(indices, weights)` (mean-1 weights, `clip` the clipping factor); None: no model."""
+        return None
 
 
 def uniform(indices) -> Selection:

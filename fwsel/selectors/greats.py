@@ -51,3 +51,9 @@ class Greats(ScoreTopK):
         )
         ratio = abs(inter) / abs(first) if first != 0 else (0.0 if inter == 0 else float("inf"))
         return Selection(picks, np.ones(len(picks)), {"interaction_ratio": float(ratio)})
+
+    def predict_change(self, pool, indices, weights, clip):
+        from fwsel.fidelity import sgd_first_order
+
+        u = clip * np.asarray(weights) / len(indices)
+        return sgd_first_order(pool.scores, indices, u, pool.lr, interaction=self.gamma * float(pool.lr))

@@ -63,3 +63,8 @@ class TracIn(ScoreTopK):
 
     def score(self, pool: Pool) -> np.ndarray:
         return as_np(pool.scores.b[:, 0])
+
+    def predict_change(self, pool, indices, weights, clip):
+        from fwsel.fidelity import sgd_first_order
+
+        return sgd_first_order(pool.scores, indices, clip * np.asarray(weights) / len(indices), pool.lr)
