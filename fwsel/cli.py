@@ -84,7 +84,7 @@ def resume_argv(rest: list[str]) -> list[str]:
     bad = sorted({_key(a) for a in extras if not safe(_key(a)) and a not in saved})
     if bad:
         raise FwselError(f"resume={run_dir}: refusing overrides that would change the run: {', '.join(bad)} "
-                         f"(allowed with resume=: {', '.join(RESUME_SAFE[:-1])}, hydra logging); "
+                         f"(allowed with resume=: {', '.join(k for k in RESUME_SAFE if k != 'resume')}, hydra logging); "
                          f"start a new run to change them")
     over = {_key(a) for a in extras}
     return [*[o for o in saved if _key(o) not in over], *extras, f"resume={_quote(run_dir)}",

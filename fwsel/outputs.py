@@ -57,13 +57,14 @@ class JsonlLog:
         except OSError as e:  # what was flushed before stays readable, line by line
             raise write_error(self.path, e) from None
 
-    def truncate_to(self, step: int) -> None:
-        """Keep rows with step <= `step` (resume); drops a half-written last line."""
+    def truncate_to(self, step: int) -> list[dict]:
+        """Keep rows with step <= `step` (resume); drops a half-written last line. Returns them."""
         self._f.close()
         rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
         with open(self.path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         self._f = open(self.path, "a", encoding="utf-8")
+        return rows
 
     def close(self) -> None:
         try:
@@ -78,6 +79,7 @@ class RunWriter:
     def __init__(self, run_dir: str, enabled: bool = True) -> None:
         self.dir, self.enabled = run_dir, enabled
         self.summary: dict = {}
+        self.last_eval: dict | None = None  # the newest metrics row with an evaluation
         if enabled:
             try:
                 os.makedirs(run_dir, exist_ok=True)
@@ -87,6 +89,8 @@ class RunWriter:
             self.selected = JsonlLog(os.path.join(run_dir, "selected.jsonl"))
 
     def log_metrics(self, row: dict) -> None:
+        if "target_eval_acc" in row:
+            self.last_eval = _clean(row)
         if self.enabled:
             self.metrics.write(row)
 
@@ -97,7 +101,8 @@ class RunWriter:
     def truncate_to(self, step: int) -> None:
         """Cut metrics and selections back to `step` (resume); -1 empties both."""
         if self.enabled:
-            self.metrics.truncate_to(step)
+            evals = [r for r in self.metrics.truncate_to(step) if "target_eval_acc" in r]
+            self.last_eval = evals[-1] if evals else None
             self.selected.truncate_to(step)
 
     def load_summary(self) -> dict:

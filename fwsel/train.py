@@ -71,7 +71,7 @@ def run(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
     from fwsel.checkpoint import Checkpointer, graceful_stop, resume_into
     from fwsel.config import validate
     from fwsel.loop import Trainer, pool_size
-    from fwsel.outputs import RunWriter, read_jsonl
+    from fwsel.outputs import RunWriter
     from fwsel.tracking import build_tracker
 
     writer = RunWriter(run_dir)
@@ -121,10 +121,9 @@ def run(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
         raise
     finally:
         close_bar()
-        evals = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "target_eval_acc" in r]
-        if evals:  # the last evaluation (null when its loss was not finite)
-            _quietly(writer.update_summary, target_eval_loss=evals[-1]["target_eval_loss"],
-                     target_eval_acc=evals[-1]["target_eval_acc"])
+        if writer.last_eval is not None:  # the last evaluation (null when its loss was not finite)
+            _quietly(writer.update_summary, target_eval_loss=writer.last_eval["target_eval_loss"],
+                     target_eval_acc=writer.last_eval["target_eval_acc"])
         _quietly(writer.update_summary, wall_s=round(time.time() - start, 3))
         if trainer is not None:
             trainer.close()

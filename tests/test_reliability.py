@@ -197,3 +197,29 @@ def test_same_seed_same_selections(selector, tmp_path):
         writer.close()
         out.append(text(tmp_path / str(i), "selected.jsonl"))
     assert out[0] == out[1] and len(out[0].splitlines()) == 3
+
+
+def test_exhausted_stream_and_skipped_lines(tmp_path, monkeypatch, capsys):
+    """A file stream that runs out stops cleanly (status exhausted, checkpoint, summary); lines
+    skipped with data.on_error=skip are counted as data_skipped (the stream's `skipped`)."""
+    from fwsel.data.files import IterStream
+
+    monkeypatch.setattr(IterStream, "skipped", property(lambda s: s.reader.skipped), raising=False)
+    rows = [json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) for i in range(40)]
+    rows[5] = "{not json"
+    rows[17] = json.dumps({"prompt": "no response"})
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "target.jsonl").write_text("\n".join(rows[20:]) + "\n")
+    run = tmp_path / "run"
+    code, out = run_cli(["train", *FAST, "data=jsonl", f"data.files={tmp_path}/train.jsonl",
+                         f"data.target_files={tmp_path}/target.jsonl", "data.on_error=skip", "steps=5",
+                         f"hydra.run.dir={run}"], capsys)
+    assert code == 0, out
+    assert "the stream ran out at step 2 (6 of 16 pool rows left): stopping" in out  # 38 good rows = 2 pools + 6
+    s = summary(run)
+    assert s["status"] == "exhausted" and s["steps_done"] == 2 and s["data_skipped"] == 2
+    assert s["target_eval_loss"] is not None
+    assert [r["data_skipped"] for r in metric_rows(run)[1:]] == [1, 2]
+    assert os.listdir(run / "checkpoints") == ["step-00000002"]
+    code, out = run_cli(["train", f"resume={run}"], capsys)
+    assert code == 0 and "already finished" in out

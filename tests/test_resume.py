@@ -150,3 +150,42 @@ def test_rerun_sweep_resumes_the_interrupted_job(tmp_path, monkeypatch, capsys):
     assert summary(jobs[1])["resumed_from_step"] == 3  # the checkpoint written on SIGTERM
     assert metric_rows(jobs[1]) == metric_rows(ref)
     assert text(jobs[1], "selected.jsonl") == text(ref, "selected.jsonl")
+
+
+def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path, monkeypatch, capsys):
+    args = [*FAST, "selector=ftw", "lora.enabled=true", "lora.r=2", "steps=6", "eval_every=3", "checkpoint_every=2"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run_cli(["train", *args, f"hydra.run.dir={full}"])[0] == 0
+    with monkeypatch.context() as mp:
+        signal_after(mp, 3)
+        assert run_cli(["train", *args, f"hydra.run.dir={cut}"])[0] == 130
+    import torch
+
+    weights = torch.load(cut / "checkpoints" / "step-00000003" / "weights.pt", weights_only=True)
+    assert weights and all("lora_" in name for name in weights)  # no frozen base weights
+    code, out = run_cli(["train", f"resume={cut}"], capsys)
+    assert code == 0, out
+    assert summary(cut)["resumed_from_step"] == 3
+    assert metric_rows(cut) == metric_rows(full)
+    assert text(cut, "selected.jsonl") == text(full, "selected.jsonl")
+
+
+def test_second_sigint_abandons_the_step(tmp_path, monkeypatch, capsys):
+    from fwsel.loop import Trainer
+
+    inner = Trainer.form_update
+
+    def twice(self, *a):
+        if self.step == 3:  # inside step 4: the first signal asks for a stop, the second abandons the step
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return inner(self, *a)
+
+    monkeypatch.setattr(Trainer, "form_update", twice)
+    code, out = run_cli(["train", *FAST, "selector=random", "steps=8", "checkpoint_every=2",
+                         f"hydra.run.dir={tmp_path}"], capsys)
+    assert code == 130 and "the step in progress was abandoned" in out and "Traceback" not in out
+    s = summary(tmp_path)
+    assert s["status"] == "interrupted" and s["steps_done"] == 3
+    assert os.listdir(tmp_path / "checkpoints") == ["step-00000002"]  # the last complete one, intact
+    assert verify(str(tmp_path / "checkpoints" / "step-00000002")) is None
