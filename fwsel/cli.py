@@ -92,7 +92,8 @@ def resume_argv(rest: list[str]) -> list[str]:
 
 
 def check_output_dir(args: list[str]) -> None:
-    """Fail in one line when the run (or sweep) dir cannot be created, before Hydra tries."""
+    """Fail in one line when the run (or sweep) dir cannot be created, or already holds a run,
+    before Hydra writes into it."""
     from fwsel.errors import FwselError
 
     multirun = "-m" in args or "--multirun" in args
@@ -106,6 +107,11 @@ def check_output_dir(args: list[str]) -> None:
         raise FwselError(f"cannot create the output dir {target}: {probe} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise FwselError(f"cannot create the output dir {target}: {probe} is not writable")
+    metrics = os.path.join(probe, "metrics.jsonl")
+    if not multirun and not any(_key(a) == "resume" for a in args) and os.path.isfile(metrics) \
+            and os.path.getsize(metrics) > 0:  # never append to (or rewrite the .hydra/ of) another run
+        raise FwselError(f"{probe} already holds a run: continue it with `fwsel train resume={probe}` "
+                         f"or choose a new hydra.run.dir")
 
 
 if __name__ == "__main__":

@@ -189,3 +189,11 @@ def test_second_sigint_abandons_the_step(tmp_path, monkeypatch, capsys):
     assert s["status"] == "interrupted" and s["steps_done"] == 3
     assert os.listdir(tmp_path / "checkpoints") == ["step-00000002"]  # the last complete one, intact
     assert verify(str(tmp_path / "checkpoints" / "step-00000002")) is None
+
+
+def test_new_run_into_a_used_dir_is_refused(runs, tmp_path, capsys):
+    run = copy(runs["cut"], tmp_path)
+    before = [text(run, name) for name in ("metrics.jsonl", ".hydra/overrides.yaml")]
+    code, out = run_cli(["train", *ARGS, "seed=3", f"hydra.run.dir={run}"], capsys)
+    assert code == 1 and f"{run} already holds a run: continue it with `fwsel train resume={run}`" in out
+    assert [text(run, name) for name in ("metrics.jsonl", ".hydra/overrides.yaml")] == before
