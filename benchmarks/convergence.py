@@ -50,6 +50,7 @@ DEV_VARIANTS = {  # name -> selector overrides (ftw unless `selector=` is given)
     "greats_g1": ["selector=greats", "selector.interaction_scale=1"],
     "greats_gcal": ["selector=greats", f"selector.interaction_scale={GREATS_CALIBRATED}"],
 }
+WARMUP = 10  # optim.warmup_steps: fidelity is summarised over the steps after it
 MAIN_ARMS = ["ftw", "greats", "tracin", "random", "full", "source_oracle"]
 ABLATIONS = ["ftw_sgd", "ftw_uniform", "ftw_topk", "gradnorm", "maxloss", "less"]
 
@@ -136,9 +137,12 @@ def fidelity_lines(d: Path) -> list[str]:
     out = []
     for p in sorted(d.glob("*/metrics.jsonl")):
         s = json.loads(p.with_name("summary.json").read_text())
-        r = summarise([json.loads(line) for line in p.read_text().splitlines()])
-        if r:
-            out.append(f"- {s['selector']} seed {s['seed']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
+        rows = [json.loads(line) for line in p.read_text().splitlines()]
+        for key in ("fid_pred", "fid_pred_linear"):
+            r = summarise(rows, warmup=WARMUP, key=key)
+            if r:
+                out.append(f"- {s['selector']} seed {s['seed']} ({key}): "
+                           + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
     return out
 
 

@@ -14,9 +14,12 @@ def _check(ok: bool, msg: str) -> None:
 def validate(cfg) -> None:
     _check(isinstance(cfg.budget, (int, float)) and 0 < float(cfg.budget) <= 1,
            f"budget must be in (0, 1], got {cfg.budget!r}")
-    for key in ("batch_size", "steps", "eval_every"):
+    for key in ("batch_size", "steps", "eval_every", "checkpoint_keep", "max_bad_steps"):
         v = cfg[key]
         _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{key} must be an integer >= 1, got {v!r}")
+    every = cfg.checkpoint_every
+    _check(every is None or (isinstance(every, int) and not isinstance(every, bool) and every >= 1),
+           f"checkpoint_every must be null or an integer >= 1, got {cfg.checkpoint_every!r}")
     _check(cfg.target.batch_size >= 1, f"target.batch_size must be >= 1, got {cfg.target.batch_size!r}")
     _check(cfg.micro_batch_size is None or int(cfg.micro_batch_size) >= 1,
            f"micro_batch_size must be null or >= 1, got {cfg.micro_batch_size!r}")

@@ -48,6 +48,22 @@ def sgd_first_order(scores, idx, u, lr: float, interaction: float = 0.0) -> floa
     return float(-lr * (_np(scores.b)[idx, 0] @ u - 0.5 * interaction * off))
 
 
+def measured_change(model, batch: dict, before, chunk_tokens: int) -> float | None:
+    """Mean target loss of `batch` now (no grad, eval mode: no RNG drawn) minus `before`'s mean."""
+    from fwsel.grads.loss import sequence_losses
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            after = sequence_losses(model, batch, chunk_tokens).losses.double().cpu()
+    finally:
+        model.train(was)
+    before = torch.as_tensor(before, dtype=torch.float64)
+    ok = torch.isfinite(after) & torch.isfinite(before)
+    return float(after[ok].mean() - before[ok].mean()) if bool(ok.any()) else None
+
+
 def clip_coef(total_norm, max_norm) -> float:
     """The factor `clip_grad_norm_` applied to the update (1 when it did not bind)."""
     if max_norm is None or total_norm is None:
@@ -55,13 +71,12 @@ def clip_coef(total_norm, max_norm) -> float:
     return float(min(1.0, float(max_norm) / (float(total_norm) + 1e-6)))
 
 
-def summarise(rows: list[dict], warmup: int = 0) -> dict[str, float]:
-    """Spearman / Pearson of `fid_pred` vs `fid_meas` over steps > warmup, raw and per unit LR."""
+def summarise(rows: list[dict], warmup: int = 0, key: str = "fid_pred") -> dict[str, float]:
+    """Spearman / Pearson of `key` vs `fid_meas` over steps > warmup, raw and per unit LR."""
     from scipy.stats import pearsonr, spearmanr
 
-    pts = [(r["fid_pred"], r["fid_meas"], r["lr"]) for r in rows
-           if r.get("fid_pred") is not None and r.get("fid_meas") is not None and r.get("lr")
-           and r["step"] > warmup]
+    pts = [(r[key], r["fid_meas"], r["lr"]) for r in rows
+           if r.get(key) is not None and r.get("fid_meas") is not None and r.get("lr") and r["step"] > warmup]
     if len(pts) < 3:
         return {}
     p, m, lr = (np.array(x, dtype=float) for x in zip(*pts))

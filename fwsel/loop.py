@@ -1,14 +1,17 @@
 """The online loop. One step: pool, gradients, geometry, select, update, log.
 
 Every random stream is a pure function of (seed, name, step) (see fwsel.rng), so arms see
-identical pools and target batches, evaluation touches no training RNG, and a run resumes
-from the step count alone.
+identical pools and target batches and evaluation touches no training RNG; what a resume
+needs beyond the step count (weights, optimizer, dropout RNG, totals) is in fwsel.checkpoint.
+A candidate with a non-finite loss or gradient never trains; a step whose update is not
+finite is skipped (no optimizer or scheduler step), `max_bad_steps` of them in a row abort.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import time
 
@@ -20,7 +23,7 @@ from fwsel.data import build_data
 from fwsel.data.collate import Collator
 from fwsel.errors import FwselError
 from fwsel.evaluate import evaluate
-from fwsel import grads
+from fwsel import fidelity, grads
 from fwsel.grads.loss import sequence_losses
 from fwsel.modeling import build_model, resolve_device
 from fwsel.rng import int_seed, np_rng, torch_gen
@@ -34,18 +37,50 @@ class Exhausted(Exception):
     """The stream ran out before `steps`."""
 
 
+class NonFiniteError(FwselError):
+    """Too many steps in a row without a finite update (max_bad_steps)."""
+
+
 def pool_size(batch_size: int, budget: float) -> int:
     return max(int(batch_size), int(round(batch_size / budget)))
 
 
+def usable(positions, weights, ok, labels=None) -> tuple[list[int], np.ndarray]:
+    """The picks whose `ok[position]` holds, weights rescaled to mean 1 over them.
+
+    Returns `labels[position]` (default: the positions themselves) for the kept picks.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    keep = [j for j, i in enumerate(positions) if ok[i]]
+    labels = positions if labels is None else labels
+    idx, w = [int(labels[j]) for j in keep], w[keep]
+    return idx, (w * (len(w) / w.sum()) if len(w) else w)
+
+
+def n_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def grad_norm(params) -> float:
+    """Global L2 norm of the formed update (inf/nan when any entry is non-finite)."""
+    gs = [p.grad for p in params if p.grad is not None]
+    if not gs:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).float() for g in gs])))
+
+
 class Trainer:
-    def __init__(self, cfg, writer, tracker, progress=None) -> None:
+    def __init__(self, cfg, writer, tracker, progress=None, checkpoints=None) -> None:
         self.cfg, self.writer, self.tracker, self.progress = cfg, writer, tracker, progress
+        self.checkpoints = checkpoints  # a fwsel.checkpoint.Checkpointer, or None (no checkpoints)
+        self.max_bad_steps = int(cfg.get("max_bad_steps", 5))
+        self.bad_reason = ""
         self.device = resolve_device(cfg.device)
         self.k, self.N, self.v = int(cfg.batch_size), pool_size(cfg.batch_size, cfg.budget), int(cfg.target.batch_size)
         self.steps, self.seed = int(cfg.steps), int(cfg.seed)
         self.data = build_data(cfg)
         self.selector = instantiate(cfg.selector, _convert_="all")
+        self.selector.fidelity = bool(cfg.get("diagnostics", {}).get("fidelity", False))
         self.model, self.tokenizer = build_model(cfg, self.device)
         self.collate = Collator(self.tokenizer, self._max_len())
         self.data.attach(self.collate)  # drops rows with no supervised token left after truncation
@@ -86,38 +121,53 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         need = self.selector.needs(t)
         scores = losses = None
+        finite = np.ones(self.N, dtype=bool)  # known before selection only when something is scored
         if need == "grads":  # gradients and geometry: one forward + one backward over pool + target
-            scores = self.get_engine().score(self.batch(rows), self.batch(self.target_rows(t)),
-                                             extra_dirs=self.selector.extra_dirs(t), k=self.k)
+            target = self.batch(self.target_rows(t))
+            scores = self.get_engine().score(self.batch(rows), target, extra_dirs=self.selector.extra_dirs(t), k=self.k)
+            finite = scores.finite.cpu().numpy().astype(bool)
         elif need == "losses":
             with torch.no_grad():
                 losses = sequence_losses(self.model, self.batch(rows), int(self.cfg.loss_chunk_tokens)).losses
-        sel = self.selector.select(Pool(rows, self.k, t, lr, torch_gen(self.seed, "selector", t),
-                                        scores=scores, losses=losses, optimizer=self.optimizer))  # select
-        idx = list(sel.indices)
-        if not idx:
+            finite = torch.isfinite(losses).cpu().numpy()
+        pool = Pool(rows, self.k, t, lr, torch_gen(self.seed, "selector", t), scores=scores, losses=losses,
+                    optimizer=self.optimizer)
+        sel = self.selector.select(pool)  # select
+        if not len(sel.indices) and finite.any():
             raise FwselError(f"selector {self.selector.name} selected no rows at step {t}")
-        w = np.asarray(sel.weights, dtype=np.float64)
-        w = w * (len(w) / w.sum())  # mean 1 over the chosen rows
+        idx, w = usable(sel.indices, sel.weights, finite)  # a non-finite candidate never trains
         t_sel = time.perf_counter() - t0
-        chosen = self.batch([rows[i] for i in idx])
-        if need == "grads":  # update from the kept per-sample gradients
-            self.engine.apply_update(idx, w)
-            train_loss = float((scores.losses[idx].double().cpu().numpy() * w).mean())
-        else:
-            out = sequence_losses(self.model, chosen, int(self.cfg.loss_chunk_tokens))
-            loss = (out.losses * torch.as_tensor(w, dtype=out.losses.dtype, device=self.device)).mean()
-            loss.backward()
-            train_loss = float(loss.detach())
-        if self.cfg.optim.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, float(self.cfg.optim.max_grad_norm))
-        self.optimizer.step()
-        self.scheduler.step()
+        picked = len(idx)
+        idx, w, train_loss, tokens = self.form_update(need, rows, scores, idx, w)  # update
+        nonfinite = int((~finite).sum()) + picked - len(idx)
+        norm = grad_norm(self.params)
+        fid = {}
+        if idx and math.isfinite(norm):
+            if self.cfg.optim.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, float(self.cfg.optim.max_grad_norm))
+            if self.selector.fidelity and scores is not None:  # diagnostics.fidelity: predicted ...
+                fid = self.selector.predict_change(pool, idx, w, fidelity.clip_coef(norm, self.cfg.optim.max_grad_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.totals["bad_in_a_row"] = 0
+            if fid:  # ... and measured target-loss change (one extra no-grad forward)
+                fid["fid_meas"] = fidelity.measured_change(self.model, target, scores.target_losses,
+                                                           int(self.cfg.loss_chunk_tokens))
+        else:  # no optimizer or scheduler update; the next step sees the next pool
+            self.bad_reason = (f"the update gradient norm is {norm}" if idx else
+                               f"no selected candidate has a finite loss and gradient ({nonfinite} non-finite)")
+            log.warning("step %d skipped: %s", t + 1, self.bad_reason)
+            self.totals["skipped_steps"] += 1
+            self.totals["bad_in_a_row"] += 1
+            idx, w, train_loss, tokens = [], np.zeros(0), None, 0
         self.optimizer.zero_grad(set_to_none=True)
         self.step = t + 1
 
         self.totals["examples_trained"] += len(idx)  # log
-        self.totals["tokens_trained"] += int((chosen["labels"][:, 1:] != -100).sum())
+        self.totals["tokens_trained"] += tokens
+        self.totals["nonfinite_rows"] += nonfinite
+        if nonfinite:
+            log.warning("step %d: dropped %d candidate(s) with a non-finite loss or gradient", t + 1, nonfinite)
         srcs, wsum = collections.Counter(), collections.defaultdict(float)
         for i, wi in zip(idx, w):
             srcs[rows[i]["source"]] += 1
@@ -126,16 +176,44 @@ class Trainer:
         row = {"step": t + 1, "examples_seen": (t + 1) * self.N,
                "examples_trained": self.totals["examples_trained"],
                "tokens_trained": self.totals["tokens_trained"], "lr": lr, "train_loss": train_loss,
+               "grad_norm": norm, "nonfinite_rows": nonfinite, "skipped_steps": self.totals["skipped_steps"],
                "sec_step": time.perf_counter() - t0, "sec_select": t_sel,
                "selected_per_source": dict(srcs), "weight_per_source": dict(wsum)}
         row.update({f"sel_{k}": v for k, v in sel.diagnostics.items()})
+        row.update(fid)
         row.update(self.data.counts())  # data_skipped / data_unsupervised / data_truncated (file and hf streams)
         return row
+
+    def form_update(self, need: str, rows: list[dict], scores, idx: list[int], w: np.ndarray):
+        """Write the weighted update of rows `idx` into .grad; returns (idx, w, train_loss, tokens).
+
+        Selectors that score nothing meet a row's loss here first: a non-finite row is dropped
+        and the forward redone without it (one NaN row poisons every weight gradient of the batch).
+        """
+        if not idx:
+            return idx, w, None, 0
+        chunk = int(self.cfg.loss_chunk_tokens)
+        chosen = self.batch([rows[i] for i in idx])
+        if need == "grads":  # from the kept per-sample gradients
+            self.engine.apply_update(idx, w)
+            return idx, w, float((scores.losses[idx].double().cpu().numpy() * w).mean()), n_tokens(chosen)
+        out = sequence_losses(self.model, chosen, chunk)
+        ok = torch.isfinite(out.losses.detach()).cpu().numpy()
+        if not ok.all():
+            idx, w = usable(list(range(len(idx))), w, ok, idx)
+            if not idx:
+                return idx, w, None, 0
+            chosen = self.batch([rows[i] for i in idx])
+            out = sequence_losses(self.model, chosen, chunk)
+        total = (out.losses * torch.as_tensor(w, dtype=out.losses.dtype, device=self.device)).mean()
+        total.backward()
+        return idx, w, float(total.detach()), n_tokens(chosen)
 
     def eval_row(self) -> dict:
         return evaluate(self.model, self.collate, self.data.eval, self.device, int(self.cfg.loss_chunk_tokens))
 
-    def run(self) -> dict:
+    def run(self, stop=None) -> dict:
+        """Steps from `self.step` to `steps`; `stop` (a checkpoint.StopFlag) ends it after a step."""
         cfg = self.cfg
         log.info("pool N=%d, k=%d, target batch v=%d, effective budget k/N=%.4f, stream rows to consume=%d",
                  self.N, self.k, self.v, self.k / self.N, self.steps * self.N)
@@ -152,6 +230,9 @@ class Trainer:
             self.writer.update_summary(target_eval_loss_initial=first["target_eval_loss"])
         status = "ok"
         for t in range(self.step, self.steps):
+            if stop is not None and stop.requested:  # SIGINT/SIGTERM: between steps, never inside one
+                status = "interrupted"
+                break
             try:
                 row = self.train_step(t)
             except Exhausted as e:
@@ -160,19 +241,32 @@ class Trainer:
                 break
             if (t + 1) % int(cfg.eval_every) == 0 or t + 1 == self.steps:
                 row.update(self.eval_row())
-                log.info("step %d  train_loss %.4f  target_eval_loss %.4f  acc %.3f", t + 1,
-                         row["train_loss"], row["target_eval_loss"], row["target_eval_acc"])
+                log.info("step %d  train_loss %s  target_eval_loss %.4f  acc %.3f", t + 1,
+                         "-" if row["train_loss"] is None else f"{row['train_loss']:.4f}",
+                         row["target_eval_loss"], row["target_eval_acc"])
             self.writer.log_metrics(row)
             self.tracker.log(row, t + 1)
             self.writer.update_summary(steps_done=t + 1)
             if self.progress is not None:
                 self.progress(t + 1, row)
+            if self.totals["bad_in_a_row"] >= self.max_bad_steps:
+                raise NonFiniteError(f"{self.totals['bad_in_a_row']} steps in a row skipped (max_bad_steps), the last "
+                                     f"at step {t + 1}: {self.bad_reason}; check the lr, the data and model.dtype")
+            if self.checkpoints is not None and self.checkpoints.due(t + 1):
+                self.checkpoints.save(self)
+        if self.checkpoints is not None:  # at the end, also when exhausted or interrupted
+            self.checkpoints.save(self)
         final = self.eval_row() if status == "exhausted" else {}
         if self.cfg.get("save_model"):
             from fwsel.hub import save_model
 
             final["model_dir"] = save_model(self.model, self.tokenizer, os.path.join(self.writer.dir, "model"))
-        return {"status": status, **final, **self.data.counts()}
+        return {"status": status, **final, **self.counts()}
+
+    def counts(self) -> dict:
+        """Run totals for summary.json: non-finite rows and skipped steps, and the data stream's counts."""
+        return {"nonfinite_rows": self.totals["nonfinite_rows"], "skipped_steps": self.totals["skipped_steps"],
+                **self.data.counts()}
 
     def close(self) -> None:
         if self.engine is not None:

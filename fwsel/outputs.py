@@ -7,6 +7,8 @@ import json
 import math
 import os
 
+from fwsel.errors import FwselError
+
 
 def _clean(v):
     """JSON-safe values: non-finite floats become null, tensors/numpy scalars plain numbers."""
@@ -35,25 +37,40 @@ def read_jsonl(path: str) -> list[dict]:
     return out
 
 
+def write_error(path: str, e: OSError) -> FwselError:
+    """One line naming the file (a full disk, a read-only or vanished dir)."""
+    return FwselError(f"cannot write {path}: {e.strerror or e}")
+
+
 class JsonlLog:
     def __init__(self, path: str) -> None:
         self.path = path
-        self._f = open(path, "a", encoding="utf-8")
+        try:
+            self._f = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            raise write_error(path, e) from None
 
     def write(self, row: dict) -> None:
-        self._f.write(json.dumps(_clean(row)) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(_clean(row)) + "\n")
+            self._f.flush()
+        except OSError as e:  # what was flushed before stays readable, line by line
+            raise write_error(self.path, e) from None
 
-    def truncate_to(self, step: int) -> None:
-        """Keep rows with step <= `step` (resume); drops a half-written last line."""
+    def truncate_to(self, step: int) -> list[dict]:
+        """Keep rows with step <= `step` (resume); drops a half-written last line. Returns them."""
         self._f.close()
         rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
         with open(self.path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         self._f = open(self.path, "a", encoding="utf-8")
+        return rows
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:  # a full disk: the flush already failed and was reported
+            pass
 
 
 class RunWriter:
@@ -62,12 +79,18 @@ class RunWriter:
     def __init__(self, run_dir: str, enabled: bool = True) -> None:
         self.dir, self.enabled = run_dir, enabled
         self.summary: dict = {}
+        self.last_eval: dict | None = None  # the newest metrics row with an evaluation
         if enabled:
-            os.makedirs(run_dir, exist_ok=True)
+            try:
+                os.makedirs(run_dir, exist_ok=True)
+            except OSError as e:
+                raise write_error(run_dir, e) from None
             self.metrics = JsonlLog(os.path.join(run_dir, "metrics.jsonl"))
             self.selected = JsonlLog(os.path.join(run_dir, "selected.jsonl"))
 
     def log_metrics(self, row: dict) -> None:
+        if "target_eval_acc" in row:
+            self.last_eval = _clean(row)
         if self.enabled:
             self.metrics.write(row)
 
@@ -75,14 +98,32 @@ class RunWriter:
         if self.enabled:
             self.selected.write({"step": step, "ids": list(ids), "weights": [float(w) for w in weights]})
 
+    def truncate_to(self, step: int) -> None:
+        """Cut metrics and selections back to `step` (resume); -1 empties both."""
+        if self.enabled:
+            evals = [r for r in self.metrics.truncate_to(step) if "target_eval_acc" in r]
+            self.last_eval = evals[-1] if evals else None
+            self.selected.truncate_to(step)
+
+    def load_summary(self) -> dict:
+        """The summary a previous invocation left (resume keeps its keys)."""
+        path = os.path.join(self.dir, "summary.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                self.summary = json.load(f)
+        return self.summary
+
     def update_summary(self, **kv) -> None:
         self.summary.update(_clean(kv))
         if not self.enabled:
             return
         path = os.path.join(self.dir, "summary.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(self.summary, f, indent=2, sort_keys=True)
-        os.replace(path + ".tmp", path)
+        try:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(self.summary, f, indent=2, sort_keys=True)
+            os.replace(path + ".tmp", path)
+        except OSError as e:  # the previous summary.json stays whole (atomic replace)
+            raise write_error(path, e) from None
 
     def close(self) -> None:
         if self.enabled:

@@ -1,7 +1,9 @@
 """`fwsel train`: the Hydra entry point (Hydra names the job and log file after this module).
 
 A single run turns a typed error into one logged line, `status: failed` and exit 1; in a
-multirun the error is re-raised so Hydra marks only that job failed.
+multirun the error is re-raised so Hydra marks only that job failed. SIGINT/SIGTERM end the
+run after the current step with a checkpoint, `status: interrupted` and exit 130/143; a
+re-run sweep skips finished jobs and resumes unfinished ones (fwsel.checkpoint).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -35,18 +38,17 @@ def _path_suffix(overrides) -> str:
 OmegaConf.register_new_resolver("fwsel_path_suffix", _path_suffix, replace=True)
 
 
-def _progress(cfg, steps: int):
+def _progress(cfg, steps: int, start: int = 0):
     """A rich bar on a terminal (not in sweeps); returns (callback, close)."""
     mode = str(cfg.progress).lower()
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    if mode == "false" or (mode == "auto" and (not sys.stderr.isatty() or multirun)):
+    if mode == "false" or (mode == "auto" and (not sys.stderr.isatty() or HydraConfig.get().mode == RunMode.MULTIRUN)):
         return None, lambda: None
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn())
     bar.start()
-    task = bar.add_task(cfg.selector.name, total=steps, info="")
+    task = bar.add_task(cfg.selector.name, total=steps, completed=start, info="")
 
     def update(step: int, row: dict) -> None:
         info = f"loss {row['train_loss']:.3f}" if row.get("train_loss") is not None else ""
@@ -55,44 +57,73 @@ def _progress(cfg, steps: int):
     return update, bar.stop
 
 
-def run(cfg: DictConfig, run_dir: str) -> dict:
-    """Train one job into `run_dir`; always leaves a summary.json saying how it ended."""
+def _quietly(fn, *args, **kw) -> None:
+    """Bookkeeping on the way out must not hide the error that got us there (e.g. a full disk)."""
+    try:
+        fn(*args, **kw)
+    except (OSError, FwselError) as e:
+        log.warning("%s", e)
+
+
+def run(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
+    """Train one job into `run_dir` (continuing its newest checkpoint when `resume`);
+    always leaves a summary.json saying how it ended."""
+    from fwsel.checkpoint import Checkpointer, graceful_stop, resume_into
     from fwsel.config import validate
     from fwsel.loop import Trainer, pool_size
-    from fwsel.outputs import RunWriter, read_jsonl
+    from fwsel.outputs import RunWriter
     from fwsel.tracking import build_tracker
 
     writer = RunWriter(run_dir)
-    OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)),
-                   os.path.join(run_dir, "fwsel_config.yaml"))  # what a re-run sweep compares against
+    if resume:
+        writer.load_summary()
+    try:
+        OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)),
+                       os.path.join(run_dir, "fwsel_config.yaml"))  # what a re-run sweep compares against
+    except OSError as e:
+        raise FwselError(f"cannot write {run_dir}/fwsel_config.yaml: {e.strerror or e}") from None
     start = time.time()
     writer.update_summary(
-        status="running", error=None, selector=cfg.selector.name, budget=float(cfg.budget),
+        status="running", error=None, signal=None, selector=cfg.selector.name, budget=float(cfg.budget),
         batch_size=int(cfg.batch_size), pool_size=pool_size(int(cfg.batch_size), float(cfg.budget))
         if isinstance(cfg.budget, (int, float)) and cfg.budget > 0 else None,
         target_batch_size=cfg.target.batch_size, seed=cfg.seed, steps=cfg.steps, eval_every=cfg.eval_every,
-        steps_done=0, fwsel_version=fwsel.__version__, torch_version=torch.__version__, run_dir=run_dir)
+        steps_done=writer.summary.get("steps_done", 0) if resume else 0, fwsel_version=fwsel.__version__,
+        torch_version=torch.__version__, run_dir=run_dir)
     tracker, trainer, close_bar = None, None, lambda: None
     try:
         validate(cfg)
-        tracker = build_tracker(cfg, OmegaConf.to_container(cfg, resolve=True), run_dir)
-        progress, close_bar = _progress(cfg, int(cfg.steps))
-        trainer = Trainer(cfg, writer, tracker, progress)
-        writer.update_summary(device=str(trainer.device), effective_budget=trainer.k / trainer.N)
-        result = trainer.run()
+        tracker = build_tracker(cfg, OmegaConf.to_container(cfg, resolve=True), run_dir,
+                                run_id=writer.summary.get("wandb_run_id"))
+        if getattr(tracker, "run_id", None):
+            writer.update_summary(wandb_run_id=tracker.run_id)
+        with graceful_stop() as stop:  # a signal from here on ends the run at the next step boundary
+            ckpt = Checkpointer(run_dir, cfg.checkpoint_every, cfg.checkpoint_keep)
+            trainer = Trainer(cfg, writer, tracker, None, ckpt)
+            if resume:
+                step = resume_into(trainer, ckpt, writer)
+                writer.update_summary(resumed_from_step=step, steps_done=step)
+            trainer.progress, close_bar = _progress(cfg, int(cfg.steps), trainer.step)
+            writer.update_summary(device=str(trainer.device), effective_budget=trainer.k / trainer.N)
+            result = trainer.run(stop)
         writer.update_summary(**result)
+        if result["status"] == "interrupted":
+            name = signal.Signals(stop.signum).name
+            writer.update_summary(signal=name, error=f"interrupted by {name}")
+            log.warning("interrupted by %s at step %d: checkpoint written; continue with: fwsel train resume=%s",
+                        name, trainer.step, run_dir)
     except KeyboardInterrupt:
-        writer.update_summary(status="interrupted", error="interrupted by the user")
+        _quietly(writer.update_summary, status="interrupted", signal="SIGINT",
+                 error="interrupted by the user (the step in progress was abandoned)")
         raise
     except BaseException as e:
-        writer.update_summary(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+        _quietly(writer.update_summary, status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
         raise
     finally:
         close_bar()
-        evals = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r.get("target_eval_loss") is not None]
-        if evals:
-            writer.update_summary(**{k: v for k, v in evals[-1].items() if k.startswith("target_eval_")})
-        writer.update_summary(wall_s=round(time.time() - start, 3))
+        if writer.last_eval is not None:  # the last evaluation (null when its loss was not finite)
+            _quietly(writer.update_summary, **{k: v for k, v in writer.last_eval.items() if k.startswith("target_eval_")})
+        _quietly(writer.update_summary, wall_s=round(time.time() - start, 3))
         if trainer is not None:
             trainer.close()
         if tracker is not None:
@@ -101,15 +132,17 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     return writer.summary
 
 
-IGNORED_KEYS = ("tracker", "progress", "resume")  # may differ between a finished job and its re-run
+FINISHED = ("ok", "exhausted")  # a job that ended by itself: re-running it changes nothing
 
 
 def changed_keys(old, new, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two plain config dicts."""
+    """Dotted keys whose values differ between two plain config dicts (resume-safe keys aside)."""
+    from fwsel.checkpoint import RESUME_SAFE
+
     out = []
     for key in sorted(set(old) | set(new)):
         path = f"{prefix}{key}"
-        if not prefix and key in IGNORED_KEYS:
+        if not prefix and key in RESUME_SAFE:
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -119,22 +152,25 @@ def changed_keys(old, new, prefix: str = "") -> list[str]:
     return out
 
 
-def already_done(cfg: DictConfig, run_dir: str) -> bool:
-    """A re-run sweep skips a job whose summary says ok with the same config; a changed config is refused."""
+def job_state(cfg: DictConfig, run_dir: str) -> str:
+    """"new" (nothing there), "done" (finished with the same config) or "resume" (left unfinished).
+
+    A run dir holding a job with a different config is refused (its results would mix)."""
     import json
 
     from fwsel.errors import ConfigError
 
     snap, summ = os.path.join(run_dir, "fwsel_config.yaml"), os.path.join(run_dir, "summary.json")
-    new = OmegaConf.to_container(cfg, resolve=True)
-    if os.path.exists(snap) and os.path.exists(summ):
-        diff = changed_keys(OmegaConf.to_container(OmegaConf.load(snap)), new)
+    if os.path.exists(snap):
+        diff = changed_keys(OmegaConf.to_container(OmegaConf.load(snap)), OmegaConf.to_container(cfg, resolve=True))
         if diff:
             raise ConfigError(f"{run_dir} already holds a job with a different config (changed: {', '.join(diff)}); "
-                              f"use a new hydra.sweep.dir")
+                              f"use a new run or sweep dir")
+    if os.path.exists(summ):
         with open(summ) as f:
-            return json.load(f).get("status") == "ok"
-    return False
+            return "done" if json.load(f).get("status") in FINISHED else "resume"
+    leftovers = ("metrics.jsonl", "checkpoints")
+    return "resume" if any(os.path.exists(os.path.join(run_dir, x)) for x in leftovers) else "new"
 
 
 @hydra.main(version_base="1.3", config_path="pkg://fwsel.conf", config_name="train")
@@ -142,15 +178,27 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
     try:
-        if hc.mode == RunMode.MULTIRUN and already_done(cfg, run_dir):
-            log.info("skipping %s: finished with the same config", run_dir)
+        if cfg.resume and os.path.abspath(str(cfg.resume)) != os.path.abspath(run_dir):
+            from fwsel.errors import ConfigError
+
+            raise ConfigError(f"resume={cfg.resume}: resume through `fwsel train resume=<run dir>` "
+                              f"(it writes into that dir; this job's dir is {run_dir})")
+        state = job_state(cfg, run_dir) if cfg.resume or hc.mode == RunMode.MULTIRUN else "new"
+        if state == "done":
+            log.info("%s already finished with this config: nothing to %s", run_dir,
+                     "resume" if cfg.resume else "re-run (skipped)")
             return
-        summary = run(cfg, run_dir)
+        summary = run(cfg, run_dir, resume=state == "resume")
     except FwselError as e:
         log.error("%s", e)
         if hc.mode == RunMode.MULTIRUN:
             raise
         sys.exit(1)
+    except KeyboardInterrupt:
+        log.error("interrupted: the step in progress was abandoned; the last checkpoint is intact")
+        sys.exit(130)
+    if summary["status"] == "interrupted":
+        sys.exit(128 + signal.Signals[summary["signal"]].value)  # 130 SIGINT, 143 SIGTERM; stops a sweep too
     log.info("run dir: %s  (status %s, target_eval_loss %.4f)", run_dir, summary["status"],
              summary.get("target_eval_loss") or float("nan"))
     print(run_dir)

@@ -27,7 +27,7 @@ def test_rerun_skips_finished_jobs_and_refuses_changes(tmp_path, capsys):
     assert sweep(d) == 0
     assert [p.stat().st_mtime_ns for p in summaries] == stamps  # nothing re-ran
     assert [p.with_name("metrics.jsonl").read_text() for p in summaries] == metrics
-    assert capsys.readouterr().out.count("skipping") == 2
+    assert capsys.readouterr().out.count("already finished with this config") == 2
 
     # the same job names with another value of a key that is not in the name: refused, naming the key
     sweep(d, "optim.lr=0.01")  # a new key joins the name: new dirs, no clash

@@ -58,10 +58,11 @@ class Selector:
     def select(self, pool: Pool) -> Selection:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def predict_change(self, pool: Pool, indices, weights, clip: float) -> float | None:
+    def predict_change(self, pool: Pool, indices, weights, clip: float) -> dict[str, float]:
         """The target-loss change this selector's own model predicts for the update on
-        `(indices, weights)` (mean-1 weights, `clip` the clipping factor); None: no model."""
-        return None
+        `(indices, weights)` (mean-1 weights, `clip` the clipping factor), as `fid_*` metrics
+        (see fwsel.fidelity); empty when the selector has no such model."""
+        return {}
 
 
 def uniform(indices) -> Selection:

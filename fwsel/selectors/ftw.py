@@ -113,20 +113,20 @@ class FTW(Selector):
         drift = self.momentum_correction or (self.fidelity and self.metric == "adam")
         return ("momentum", "decay") if drift else ()
 
-    curvature = 1.0  # 0: predict with the first-order part of the linearised step alone
-
     def predict_change(self, pool, indices, weights, clip):
-        """The linearised AdamW quadratic (see fwsel.fidelity); SGD first order for geometry=sgd."""
+        """The linearised AdamW quadratic and its first-order part (fwsel.fidelity); SGD first
+        order for geometry=sgd; nothing for metric=D2 (no curvature model) or warm-up steps."""
         from fwsel.fidelity import adam_quadratic, sgd_first_order
 
         if pool.scores is None or self.metric == "adam2":
-            return None  # warm-up steps, or a D^2 metric that is no curvature model
+            return {}
         u = clip * np.asarray(weights, dtype=np.float64) / len(indices)
         if self.metric == "sgd":
-            return sgd_first_order(pool.scores, indices, u, pool.lr)
+            return {"fid_pred": sgd_first_order(pool.scores, indices, u, pool.lr)}
         b1, lam, t = adam_constants(pool.optimizer)
         c, beta = (1 - b1) / (1 - b1 ** (t + 1)), b1 / (1 - b1 ** (t + 1))
-        return adam_quadratic(pool.scores, indices, u, pool.lr * c, [beta / c, lam / c], self.alpha * self.curvature)
+        args = (pool.scores, indices, u, pool.lr * c, [beta / c, lam / c])
+        return {"fid_pred": adam_quadratic(*args, curvature=self.alpha), "fid_pred_linear": adam_quadratic(*args, curvature=0.0)}
 
     def problem(self, pool: Pool) -> tuple[np.ndarray, np.ndarray, float]:
         """`(K, b, y2)`; with `momentum_correction` the target is

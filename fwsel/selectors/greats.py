@@ -56,4 +56,4 @@ class Greats(ScoreTopK):
         from fwsel.fidelity import sgd_first_order
 
         u = clip * np.asarray(weights) / len(indices)
-        return sgd_first_order(pool.scores, indices, u, pool.lr, interaction=self.gamma * float(pool.lr))
+        return {"fid_pred": sgd_first_order(pool.scores, indices, u, pool.lr, interaction=self.gamma * float(pool.lr))}

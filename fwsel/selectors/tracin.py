@@ -67,4 +67,4 @@ class TracIn(ScoreTopK):
     def predict_change(self, pool, indices, weights, clip):
         from fwsel.fidelity import sgd_first_order
 
-        return sgd_first_order(pool.scores, indices, clip * np.asarray(weights) / len(indices), pool.lr)
+        return {"fid_pred": sgd_first_order(pool.scores, indices, clip * np.asarray(weights) / len(indices), pool.lr)}
