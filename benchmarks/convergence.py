@@ -131,6 +131,18 @@ def wins(d: Path, arm: str = "ftw", budget: float = 0.25) -> list[str]:
     return lines
 
 
+def paired(d: Path, base: str = "ftw") -> list[str]:
+    """Per dev seed: each variant's final loss minus `base`'s (the seed noise cancels)."""
+    by = {(s["selector"], s["seed"]): s["target_eval_loss"] for s in summaries(d) if s["status"] == "ok"}
+    seeds = sorted(seed for sel, seed in by if sel == base)
+    lines = ["| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---" * (len(seeds) + 2) + "|"]
+    for sel in sorted({sel for sel, _ in by}):
+        diffs = [by[(sel, s)] - by[(base, s)] for s in seeds if (sel, s) in by]
+        if len(diffs) == len(seeds):
+            lines.append(f"| {sel} | " + " | ".join(f"{x:+.3f}" for x in diffs) + f" | {statistics.fmean(diffs):+.3f} |")
+    return [f"Final target loss minus {base}'s, same seed (negative = better than {base}):", "", *lines]
+
+
 def fidelity_lines(d: Path) -> list[str]:
     from fwsel.fidelity import summarise  # the same statistics the run logs, over its steps
 
@@ -159,6 +171,8 @@ def report(parts: list[str], wall: dict[str, float]) -> Path:
         _, table = compare_dirs([d])
         lines += [f"## {part}", "", f"`fwsel compare benchmarks/results/{part}`", "", "```", table.rstrip(), "```", "",
                   f"![curves]({part}/curves.png) ![selection]({part}/selection.png)", ""]
+        if part == "dev":
+            lines += [*paired(d), ""]
         if part in ("main", "sort"):
             lines += [*wins(d, budget=0.25), *wins(d, budget=0.1), ""]
         if part == "fidelity":
