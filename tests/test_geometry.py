@@ -2,21 +2,11 @@
 
 import pytest
 import torch
-from helpers_models import captured_params, random_batch, tiny_model, with_lora
+from helpers_models import captured_params, random_batch
+from test_grads import trained
 
 from fwsel.grads.loss import sequence_losses
 from fwsel.grads.metric import adam_diag, group_of
-
-
-def _trained(steps=3):
-    model = with_lora(tiny_model(dtype=torch.float64))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    for s in range(steps):
-        opt.zero_grad()
-        sequence_losses(model, random_batch(4, seed=100 + s)).losses.sum().backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model, opt
 
 
 def _predicted(opt, params, grads, adam_q="taylor"):
@@ -36,7 +26,7 @@ def _predicted(opt, params, grads, adam_q="taylor"):
 @pytest.mark.parametrize("adam_q", ["taylor", "pool"])
 def test_linearised_step_matches_adamw_to_first_order(adam_q):
     """For a gradient of size eps the prediction error of the g-dependent part shrinks like eps."""
-    model, opt = _trained()
+    model, opt = trained("lora")  # fp64, 3 AdamW steps, weight decay 0.1
     params = captured_params(model)
     base = torch.autograd.grad(sequence_losses(model, random_batch(4, seed=9)).losses.sum(), params)
     errs = []
