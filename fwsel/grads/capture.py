@@ -156,9 +156,13 @@ class Capture:
             self.active, self.dummy, self.chunk_rows = False, None, None
 
     def _hook(self, site, module, args, output):
-        # capture off outside scoring, in no-grad evaluation, and in checkpoint recomputation
-        if not self.active or not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+        # capture off outside scoring and in non-reentrant checkpoint recomputation (inside backward:
+        # a tap there would never receive a gradient, and a head chunk would fail the row check)
+        if not self.active or torch._C._current_graph_task_id() != -1:
             return None
+        if not torch.is_grad_enabled():  # scoring always runs under grad
+            raise RuntimeError("a captured Linear ran without grad while scoring: reentrant gradient "
+                               "checkpointing is unsupported (use use_reentrant=False)")
         x = args[0].detach()
         if x.dim() >= 3:
             if x.shape[0] != self.mb_rows:
