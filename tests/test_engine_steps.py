@@ -47,9 +47,10 @@ class Counter:
         return self.fwd_grad, self.fwd_nograd, self.backward
 
 
-@pytest.mark.parametrize("lora", [True, False])
-def test_one_forward_and_one_backward_per_ftw_step(tmp_path, monkeypatch, lora):
-    trainer = make_trainer(tmp_path, f"lora.enabled={str(lora).lower()}", "selector=ftw")
+@pytest.mark.parametrize("lora,selector,path", [(True, "ftw", "auto"), (False, "ftw", "auto"),
+                                                (False, "tracin", "ghost")])
+def test_one_forward_and_one_backward_per_gradient_step(tmp_path, monkeypatch, lora, selector, path):
+    trainer = make_trainer(tmp_path, f"lora.enabled={str(lora).lower()}", f"selector={selector}", f"grad_path={path}")
     count = Counter(trainer, monkeypatch)
     before = [p.detach().clone() for p in trainer.params]
     trainer.train_step(0)
@@ -60,6 +61,7 @@ def test_one_forward_and_one_backward_per_ftw_step(tmp_path, monkeypatch, lora):
     else:  # embeddings and norms: one weighted forward + backward over the chosen rows
         assert (fwd, nograd, bwd) == (4, 0, 4)
     assert any(not torch.equal(p.detach(), b) for p, b in zip(trainer.params, before))
+    assert all(s.ghost for s in trainer.engine.cap.sites) == (path == "ghost")
     trainer.eval_row()  # an eval step adds one no-grad forward (eval split fits one batch)
     assert count.counts() == (fwd, 1, bwd)
     count.handle.remove()

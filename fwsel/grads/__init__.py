@@ -40,8 +40,15 @@ dropout masks are inside what the hooks see), or in full fine-tuning every Linea
 an untied `lm_head`. Embeddings, norms and a head tied to the embedding are NOT in `K`/`b`:
 they train through the fallback backward only. DoRA and other LoRA variants, merged or
 disabled adapters and LoRA on embeddings raise `ValueError`. Gradient checkpointing must be
-non-reentrant (recomputed forwards are not captured twice). The per-sample gradients are
-materialised as a `[N + v, P]` buffer (float32, float64 for float64 models) until the update.
+non-reentrant (recomputed forwards are not captured twice; reentrant raises).
+
+Two product paths per captured Linear (`grad_path`, fwsel.grads.ghost has the cost model):
+materialise (the per-sample gradients as a `[N + v, P]` buffer, float32 or float64 for float64
+models, until the update; exact in every metric) or token Gram (keeps each row's layer inputs
+and output gradients; `K` from `(X_i X_j^T) ⊙ (E_i E_j^T)` in token chunks, `b` exact through
+`M ⊙ g_T`, the update as one `E_S^T diag(w) X_S`). `auto` (default) takes the token Gram where it
+is cheaper and exact (sgd metrics); `ghost` forces it, and in adam geometry its `K` then uses a
+rank-1 `D` with `adam_q=state` on those layers (approximate, logged, `Scores.ghost`).
 """
 
 from .engine import GradEngine, Scores

@@ -11,12 +11,15 @@ captured Linear's output is routed through an identity autograd function ("tap")
 dummy leaf. The backward then delivers each call's output gradient `E` to the tap, which
 forms `G_i = E_i^T X_i` for every row at once (batched matmul) into one row-major buffer
 `[rows, P]`, while autograd never forms the summed weight gradients nor touches `.grad`.
+A site on the token-Gram path (`Site.ghost`, chosen per scoring pass) keeps its weight's
+factors instead (`X` and `E` of every unpadded token, fwsel.grads.ghost) and has no columns in
+the buffer; its bias, if any, is still materialised.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -33,6 +36,7 @@ class Block:
     name: str
     start: int
     end: int
+    ghost: "Site | None" = None  # this scoring pass: the token-Gram site holding the factors
 
 
 @dataclass
@@ -42,6 +46,8 @@ class Site:
     module: nn.Linear
     weight: Block
     bias: Block | None
+    ghost: bool = False  # token-Gram path for the weight in this scoring pass
+    factors: list = field(default_factory=list)  # (X [tok, d_in], E [tok, d_out], rows [tok])
 
 
 def check_peft(model: nn.Module) -> None:
@@ -136,12 +142,32 @@ class Capture:
         self.buf: torch.Tensor | None = None  # [rows, size] per-sample gradients
         self.offset = 0  # global row of the current micro-batch's first row
         self.mb_rows = 0  # rows in the current micro-batch
+        self.tok_mask: torch.Tensor | None = None  # [mb_rows, width] unpadded tokens (ghost factors)
         self.chunk_rows: torch.Tensor | None = None  # local row of each head-chunk token
         self.dummy: torch.Tensor | None = None
         self.handles = [s.module.register_forward_hook(partial(self._hook, s)) for s in self.sites]
 
     def on_chunk(self, rows: torch.Tensor) -> None:
         self.chunk_rows = rows
+
+    def layout(self, ghost) -> None:
+        """Mark the token-Gram sites (a set of site indices) and give the other blocks buffer columns."""
+        for s in self.sites:
+            s.ghost, s.factors = False, []
+        for b in self.blocks:
+            b.ghost = None
+        for i in ghost:
+            self.sites[i].ghost = True
+            self.sites[i].weight.ghost = self.sites[i]
+        offset = 0
+        for b in self.blocks:
+            n = 0 if b.ghost is not None else b.param.numel()
+            b.start, b.end, offset = offset, offset + n, offset + n
+        self.size = offset
+
+    @property
+    def mat_blocks(self):
+        return [b for b in self.blocks if b.ghost is None]
 
     @contextmanager
     def scoring(self, n_rows: int):
@@ -153,7 +179,13 @@ class Capture:
             with requires_grad(self.captured + self.fallback, False):
                 yield
         finally:
-            self.active, self.dummy, self.chunk_rows = False, None, None
+            self.active, self.dummy, self.chunk_rows, self.tok_mask = False, None, None, None
+
+    def factors(self, site):
+        """The site's (X, E, rows) over every scored row, tokens sorted by row."""
+        X, E, rows = (torch.cat(parts) for parts in zip(*site.factors))
+        order = torch.argsort(rows, stable=True)
+        return X[order], E[order], rows[order]
 
     def _hook(self, site, module, args, output):
         # capture off outside scoring and in non-reentrant checkpoint recomputation (inside backward:
@@ -172,20 +204,30 @@ class Capture:
             if self.chunk_rows is None or self.chunk_rows.numel() != x.shape[0]:
                 raise RuntimeError("a captured Linear was called on 2-D input outside the loss head")
             rows = self.chunk_rows + self.offset
-        return _Tap.apply(output, self.dummy, partial(self._sink, site, x, rows))
+        return _Tap.apply(output, self.dummy, partial(self._sink, site, x, rows, self.tok_mask))
 
-    def _sink(self, site, x, rows, grad):
+    def _sink(self, site, x, rows, mask, grad):
         x, e = x.to(self.dtype), grad.to(self.dtype)
         w, b = site.weight, site.bias
         if isinstance(rows, int):  # batched [B, ..., d]: every row's tokens at once
             n = x.shape[0]
             X, E = x.reshape(n, -1, x.shape[-1]), e.reshape(n, -1, e.shape[-1])
-            dst = self.buf[rows : rows + n]
-            dst[:, w.start : w.end] += torch.bmm(E.transpose(1, 2), X).reshape(n, -1)
+            if site.ghost:
+                keep = mask if mask is not None and mask.shape == X.shape[:2] else torch.ones_like(X[..., 0], dtype=torch.bool)
+                r = torch.arange(rows, rows + n, device=X.device)[:, None].expand(keep.shape)
+                site.factors.append((X[keep], E[keep], r[keep]))
+            else:
+                dst = self.buf[rows : rows + n]
+                dst[:, w.start : w.end] += torch.bmm(E.transpose(1, 2), X).reshape(n, -1)
             if b is not None:
-                dst[:, b.start : b.end] += E.sum(1)
+                self.buf[rows : rows + n, b.start : b.end] += E.sum(1)
             return
         # head chunk [tokens, d]: tokens of one row are contiguous
+        if site.ghost:
+            site.factors.append((x, e, rows))
+            if b is not None:
+                self.buf[:, b.start : b.end].index_add_(0, rows, e)
+            return
         uniq, counts = torch.unique_consecutive(rows, return_counts=True)
         sizes = counts.tolist()
         for r, xs, es in zip(uniq.tolist(), x.split(sizes), e.split(sizes)):
