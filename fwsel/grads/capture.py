@@ -4,7 +4,8 @@ Every trainable `nn.Linear` is captured (peft's `lora_A` / `lora_B` sub-modules,
 Linear in full fine-tuning, an untied `lm_head` included); a Linear whose weight is shared
 with a non-Linear module (a head tied to the embedding) is not. Everything else trainable
 (embeddings, norms, peft `modules_to_save` copies that are not Linear) is a *fallback*
-parameter: it trains through an ordinary weighted backward and is left out of the products.
+parameter, left out of the products: row-wise modules (embeddings, norms) are updated locally
+from what their hooks keep (fwsel.grads.local), the rest through an ordinary weighted backward.
 
 While scoring, every trainable parameter is temporarily marked `requires_grad=False` and each
 captured Linear's output is routed through an identity autograd function ("tap") tied to a
@@ -25,6 +26,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from .local import LocalSite, find_local
 from .loss import unwrap
 
 
@@ -133,6 +135,9 @@ class Capture:
 
     def __init__(self, model: nn.Module):
         self.sites, self.blocks, self.fallback = find_sites(model)
+        self.local = find_local(model, self.fallback)
+        local = {id(p) for s in self.local for p in s.params}
+        self.pass_params = [p for p in self.fallback if id(p) not in local]  # need the weighted backward
         self.size = self.blocks[-1].end if self.blocks else 0
         self.captured = [b.param for b in self.blocks]
         dt = {p.dtype for p in self.captured}
@@ -146,6 +151,7 @@ class Capture:
         self.chunk_rows: torch.Tensor | None = None  # local row of each head-chunk token
         self.dummy: torch.Tensor | None = None
         self.handles = [s.module.register_forward_hook(partial(self._hook, s)) for s in self.sites]
+        self.handles += [s.module.register_forward_hook(partial(self._local_hook, s)) for s in self.local]
 
     def on_chunk(self, rows: torch.Tensor) -> None:
         self.chunk_rows = rows
@@ -154,6 +160,8 @@ class Capture:
         """Mark the token-Gram sites (a set of site indices) and give the other blocks buffer columns."""
         for s in self.sites:
             s.ghost, s.factors = False, []
+        for s in self.local:
+            s.saved = []
         for b in self.blocks:
             b.ghost = None
         for i in ghost:
@@ -176,7 +184,7 @@ class Capture:
         self.dummy = torch.zeros((), device=self.device, requires_grad=True)
         self.active = True
         try:
-            with requires_grad(self.captured + self.fallback, False):
+            with requires_grad(self.captured + self.fallback, False):  # local params are fallback ones
                 yield
         finally:
             self.active, self.dummy, self.chunk_rows, self.tok_mask = False, None, None, None
@@ -187,14 +195,31 @@ class Capture:
         order = torch.argsort(rows, stable=True)
         return X[order], E[order], rows[order]
 
-    def _hook(self, site, module, args, output):
-        # capture off outside scoring and in non-reentrant checkpoint recomputation (inside backward:
-        # a tap there would never receive a gradient, and a head chunk would fail the row check)
+    def _capturing(self) -> bool:
+        # off outside scoring and in non-reentrant checkpoint recomputation (inside backward: a
+        # tap there would never receive a gradient, and a head chunk would fail the row check)
         if not self.active or torch._C._current_graph_task_id() != -1:
-            return None
+            return False
         if not torch.is_grad_enabled():  # scoring always runs under grad
-            raise RuntimeError("a captured Linear ran without grad while scoring: reentrant gradient "
+            raise RuntimeError("a captured module ran without grad while scoring: reentrant gradient "
                                "checkpointing is unsupported (use use_reentrant=False)")
+        return True
+
+    def _local_hook(self, site: LocalSite, module, args, output):
+        if not self._capturing():
+            return None
+        x = args[0].detach() if args else None
+        if x is None or x.dim() < 2 or x.shape[0] != self.mb_rows or not isinstance(output, torch.Tensor):
+            raise RuntimeError(f"{type(module).__name__}: expected one [batch, ...] input and output")
+        return _Tap.apply(output, self.dummy, partial(self._local_sink, site, x, self.offset))
+
+    @staticmethod
+    def _local_sink(site, x, row0, grad):
+        site.saved.append((x, grad.detach(), row0))
+
+    def _hook(self, site, module, args, output):
+        if not self._capturing():
+            return None
         x = args[0].detach()
         if x.dim() >= 3:
             if x.shape[0] != self.mb_rows:

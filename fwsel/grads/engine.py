@@ -11,6 +11,7 @@ import torch
 
 from .capture import Capture, check_peft, requires_grad
 from .ghost import PATHS, GhostOps, prefers_ghost
+from .local import local_update
 from .loss import concat_batches, sequence_losses, take_rows, unwrap
 from .metric import ADAM_Q, METRICS, adam_diag, group_of, state_vec
 
@@ -146,12 +147,12 @@ class GradEngine:
                     torch.autograd.backward(total, inputs=[cap.dummy])
                 losses[s : s + cap.mb_rows] = out.losses.detach().double().cpu()
         buf = cap.buf
-        finite = torch.isfinite(losses) & torch.isfinite(buf).all(1).cpu()
+        finite = torch.isfinite(losses) & torch.isfinite(buf.sum(1)).cpu()  # a NaN/inf entry spoils the sum
         facs = {i: cap.factors(cap.sites[i]) for i in sorted(ghost)}
         for i in ghost:  # the engine holds the factors from here on
             cap.sites[i].factors = []
         for X, E, r in facs.values():  # a row with a non-finite token factor is non-finite
-            bad_tok = ~(torch.isfinite(X).all(1) & torch.isfinite(E).all(1))
+            bad_tok = ~torch.isfinite(X.sum(1) + E.sum(1))
             finite[r[bad_tok].unique().cpu()] = False
         if not bool(finite.all()):
             dev = ~finite.to(buf.device)
@@ -159,7 +160,7 @@ class GradEngine:
             for X, E, r in facs.values():
                 drop = dev[r]
                 X[drop], E[drop] = 0, 0
-        self._ghost = {id(cap.sites[i]): GhostOps(X, E, r, n, self.ghost_chunk_tokens) for i, (X, E, r) in facs.items()}
+        self._ghost = {id(cap.sites[i]): GhostOps(X, E, r, n, rows, self.ghost_chunk_tokens) for i, (X, E, r) in facs.items()}
         self._finite, self._pool = finite[:n], {key: val[:n] for key, val in batch.items()}
         scores = self._products(n, finite, tuple(extra_dirs), k)
         scores.losses, scores.target_losses = losses[:n], losses[n:]
@@ -189,12 +190,25 @@ class GradEngine:
                 gT = t_coef[n:] @ buf[n:, blk.start : blk.end]
             else:
                 ops = self._ghost[id(blk.ghost)]
+                if not (adam or dirs):  # sgd only: b and y2 from token Grams with the target rows, no g_T
+                    Kall = ops.gram_all()
+                    K += Kall[:n, :n].cpu()
+                    b0, y0 = Kall[:n, n:].sum(1).cpu() / max(nt, 1), float(Kall[n:, n:].sum()) / max(nt, 1) ** 2
+                    B[:, 0] += b0
+                    dir_gram[0, 0] += y0
+                    for a in self.aux_metrics:
+                        aux[a]["b"] += b0
+                        aux[a]["sq_norms"] += Kall.diagonal()[:n].cpu()
+                        aux[a]["y2"] += y0
+                    continue
                 gT = ops.weighted_sum(t_coef)
             diag = {"sgd": None}
             if adam:
                 Gp, q = (ops.Gp, self.adam_q) if blk.ghost is None else (gT[None], self.ghost_q)
                 D, p = adam_diag(blk.param, self.optimizer, groups, Gp, n_bad, k_eff, q)
-                diag.update(adam=D, adam2=D * D)
+                diag["adam"] = D
+                if "adam2" in metrics:
+                    diag["adam2"] = D * D
                 poor, coords = poor + p, coords + D.numel()
             M = diag[self.metric]
             K += ops.gram(M, self.metric).to(**cpu)
@@ -255,16 +269,18 @@ class GradEngine:
                         self._ghost[id(blk.ghost)].weighted_sum(row_coef)
                     g = g.view_as(p).to(p.dtype)
                     p.grad = g.clone() if p.grad is None else p.grad.add_(g)
-                if self.cap.fallback:
+                local_update(self.cap.local, row_coef)
+                if self.cap.pass_params:
                     self._fallback_backward(idx, coef)
         finally:
             self._free()
 
     def _fallback_backward(self, idx, coef) -> None:
-        """Weighted backward over the selected rows for the parameters not captured."""
+        """Weighted backward over the selected rows for the parameters neither captured nor local."""
         mb = self.micro_batch_size or idx.numel()
-        params = self.cap.fallback
-        with torch.enable_grad(), requires_grad(self.cap.captured, False):
+        params = self.cap.pass_params
+        local = [p for s in self.cap.local for p in s.params]
+        with torch.enable_grad(), requires_grad(self.cap.captured + local, False):
             for s in range(0, idx.numel(), mb):
                 sub = take_rows(self._pool, idx[s : s + mb].to(self._pool["input_ids"].device))
                 losses = sequence_losses(self.model, sub, self.loss_chunk_tokens).losses
@@ -274,6 +290,8 @@ class GradEngine:
 
     def _free(self) -> None:
         self.cap.buf, self._pool, self._ghost = None, None, {}
+        for s in self.cap.local:
+            s.saved = []
 
     def close(self) -> None:
         """Remove the hooks; the engine is unusable afterwards."""

@@ -36,25 +36,20 @@ def prefers_ghost(n_rows: int, tokens: float, d_in: int, d_out: int) -> bool:
     return t * t * (d_in + d_out) < d_in * d_out * (1.0 + 2.0 * t / n)
 
 
-def rank1(M: torch.Tensor, iters: int = 30):
+def rank1(M: torch.Tensor, iters: int = 4):
     """(u, c, relative Frobenius error) with `M ≈ u c^T` for a non-negative `d_out x d_in` matrix.
 
-    Alternating least squares from the row means (= power iteration on M M^T): the leading
-    singular pair, non-negative for a non-negative M (Perron), exact after one sweep when M
-    has rank 1.
+    From the row and column means (exact when M has rank 1: `M = a b^T` gives row means
+    `a mean(b)`, column means `b mean(a)`), refined by `iters` alternating least-squares sweeps
+    (power iteration towards the leading singular pair, non-negative for a non-negative M).
     """
-    M = M.double()
     u = M.mean(1)
-    c = M.new_zeros(M.shape[1])
+    c = M.mean(0) / M.mean().clamp_min(torch.finfo(M.dtype).tiny)
+    tiny = torch.finfo(M.dtype).tiny
     for _ in range(iters):
-        c = M.T @ u / (u @ u).clamp_min(1e-300)
-        u_new = M @ c / (c @ c).clamp_min(1e-300)
-        done = torch.allclose(u_new, u, rtol=1e-12, atol=0.0)
-        u = u_new
-        if done:
-            break
-    c = M.T @ u / (u @ u).clamp_min(1e-300)
-    err = float(torch.linalg.norm(M - torch.outer(u, c)) / torch.linalg.norm(M).clamp_min(1e-300))
+        u = M @ c / (c @ c).clamp_min(tiny)
+        c = M.T @ u / (u @ u).clamp_min(tiny)
+    err = float(torch.linalg.norm(M - torch.outer(u, c)) / torch.linalg.norm(M).clamp_min(tiny))
     return u.clamp_min(0), c.clamp_min(0), err
 
 
@@ -62,11 +57,11 @@ class GhostOps:
     """Products for one token-Gram layer from its factors (tokens sorted by row).
 
     `X` [tokens, d_in], `E` [tokens, d_out], `rows` [tokens] global row ids; rows `< n` are
-    the pool, `n..n+v` the target batch.
+    the pool, `n..n_all` the target batch.
     """
 
-    def __init__(self, X, E, rows, n: int, chunk: int):
-        self.n, self.chunk = n, max(int(chunk), 1)
+    def __init__(self, X, E, rows, n: int, n_all: int, chunk: int):
+        self.n, self.n_all, self.chunk = n, n_all, max(int(chunk), 1)
         pool = rows < n
         self.X, self.E, self.rows = X, E, rows  # every row (pool and target)
         self.Xp, self.Ep, self.rp = X[pool], E[pool], rows[pool]
@@ -95,6 +90,10 @@ class GhostOps:
         """[n, n] `<G_i, M ⊙ G_j>` (float64; rank-1 `M`)."""
         X, E = self._scaled(M, key)
         return token_gram(X, E, self.rp, self.n, self.chunk)
+
+    def gram_all(self) -> torch.Tensor:
+        """[n + v, n + v] `<G_i, G_j>` over every row, pool and target (float64, exact)."""
+        return token_gram(self.X, self.E, self.rows, self.n_all, self.chunk)
 
     def sq_norms(self, M=None, key="sgd") -> torch.Tensor:
         """[n] `<G_i, M ⊙ G_i>` (float64; rank-1 `M`): only same-row token pairs."""

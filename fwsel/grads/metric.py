@@ -52,12 +52,13 @@ def adam_diag(p, optimizer, groups, Gp, n_bad: int, k: int, adam_q: str):
             q = u * u + (1.0 / k - 1.0 / nf) * s2
         else:
             q = u * u
-    elif adam_q == "state":
-        if t == 0:
+    elif adam_q in ("state", "taylor"):  # q is a multiple of v: v_bar = v * scale, three passes
+        if adam_q == "state" and t == 0:
             return torch.ones_like(v), v.numel()
-        q = v / (1 - b2**t)
-    elif adam_q == "taylor":
-        q = torch.zeros_like(v)
+        ratio = 1 / (1 - b2**t) if adam_q == "state" else 0.0  # q = ratio * v
+        scale = (b2 + (1 - b2) * ratio) / (1 - b2 ** (t + 1))
+        poor = int(torch.count_nonzero(v)) if (1 - b2) * ratio > b2 else 0
+        return (v * scale).sqrt_().add_(eps).reciprocal_(), poor
     else:
         raise ValueError(f"adam_q must be one of {ADAM_Q}, got {adam_q!r}")
     vbar = (b2 * v + (1 - b2) * q) / (1 - b2 ** (t + 1))
