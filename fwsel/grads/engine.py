@@ -13,7 +13,7 @@ from .capture import Capture, check_peft, requires_grad
 from .ghost import PATHS, GhostOps, prefers_ghost
 from .local import local_update
 from .loss import concat_batches, sequence_losses, take_rows, unwrap
-from .metric import ADAM_Q, METRICS, adam_diag, group_of, state_vec
+from .metric import ADAM_Q, METRICS, adam_diag, group_of, pool_q, state_vec
 
 DIRS = ("momentum", "decay")
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class GradEngine:
         self._finite: torch.Tensor | None = None
         self._ghost: dict = {}  # id(site) -> GhostOps of the last scoring pass
         self._warned = False
+        self.group_entries = 2**26  # buffer entries per run of blocks handled together (bounds temporaries)
 
     # ------------------------------------------------------------------ path choice
     def plan(self, batch: dict, n: int) -> set:
@@ -166,6 +167,20 @@ class GradEngine:
         scores.losses, scores.target_losses = losses[:n], losses[n:]
         return scores
 
+    def _groups(self, n: int):
+        """Runs of consecutive materialised blocks (one set of whole-run ops each; at most ~2^26
+        buffer entries, so temporaries stay bounded), then each token-Gram block alone."""
+        limit, run, cols = max(self.group_entries // max(n, 1), 1), [], 0
+        for b in self.cap.mat_blocks:
+            if run and cols + b.param.numel() > limit:
+                yield run
+                run, cols = [], 0
+            run.append(b)
+            cols += b.param.numel()
+        if run:
+            yield run
+        yield from ([b] for b in self.cap.blocks if b.ghost is not None)
+
     def _products(self, n, finite, dirs, k) -> Scores:
         buf, f64 = self.cap.buf, torch.float64
         n_bad = int((~finite[:n]).sum())
@@ -176,54 +191,64 @@ class GradEngine:
         groups = group_of(self.optimizer)
         metrics = (self.metric, *[a for a in self.aux_metrics if a != self.metric])
         adam = any(m != "sgd" for m in metrics)
-        nd = 1 + len(dirs)
-        K, B, dir_gram = (torch.zeros(*shape, dtype=f64) for shape in ((n, n), (n, nd), (nd, nd)))
-        aux = {a: {"b": torch.zeros(n, dtype=f64), "sq_norms": torch.zeros(n, dtype=f64), "y2": 0.0}
-               for a in self.aux_metrics}
-        t_coef = torch.zeros(buf.shape[0], dtype=buf.dtype, device=buf.device)
+        nd, dev = 1 + len(dirs), buf.device
+        K, B, dir_gram = (torch.zeros(*shape, dtype=f64, device=dev) for shape in ((n, n), (n, nd), (nd, nd)))
+        aux = {a: {key: torch.zeros(shape, dtype=f64, device=dev) for key, shape in
+                   (("b", (n,)), ("sq_norms", (n,)), ("y2", ()))} for a in self.aux_metrics}
+        t_coef = torch.zeros(buf.shape[0], dtype=buf.dtype, device=dev)
         t_coef[n:] = 1.0 / max(nt, 1)  # non-finite target rows are already zero
-        cpu = dict(device="cpu", dtype=f64)
-        poor, coords = 0, 0
-        for blk in self.cap.blocks:
-            if blk.ghost is None:
-                ops = MatOps(buf[:n, blk.start : blk.end])
-                gT = t_coef[n:] @ buf[n:, blk.start : blk.end]
+        poor, coords = [], 0
+        for blocks in self._groups(n):
+            ghost = blocks[0].ghost
+            if ghost is None:
+                cols = slice(blocks[0].start, blocks[-1].end)
+                ops, gT = MatOps(buf[:n, cols]), t_coef[n:] @ buf[n:, cols]
             else:
-                ops = self._ghost[id(blk.ghost)]
+                ops = self._ghost[id(ghost)]
                 if not (adam or dirs):  # sgd only: b and y2 from token Grams with the target rows, no g_T
                     Kall = ops.gram_all()
-                    K += Kall[:n, :n].cpu()
-                    b0, y0 = Kall[:n, n:].sum(1).cpu() / max(nt, 1), float(Kall[n:, n:].sum()) / max(nt, 1) ** 2
+                    K += Kall[:n, :n]
+                    b0, y0 = Kall[:n, n:].sum(1) / max(nt, 1), Kall[n:, n:].sum() / max(nt, 1) ** 2
                     B[:, 0] += b0
                     dir_gram[0, 0] += y0
                     for a in self.aux_metrics:
                         aux[a]["b"] += b0
-                        aux[a]["sq_norms"] += Kall.diagonal()[:n].cpu()
+                        aux[a]["sq_norms"] += Kall.diagonal()[:n]
                         aux[a]["y2"] += y0
                     continue
                 gT = ops.weighted_sum(t_coef)
             diag = {"sgd": None}
             if adam:
-                Gp, q = (ops.Gp, self.adam_q) if blk.ghost is None else (gT[None], self.ghost_q)
-                D, p = adam_diag(blk.param, self.optimizer, groups, Gp, n_bad, k_eff, q)
-                diag["adam"] = D
+                q_name = self.adam_q if ghost is None else self.ghost_q
+                q = pool_q(ops.Gp, n_bad, k_eff) if q_name == "pool" else None
+                parts, off = [], 0
+                for b in blocks:
+                    sl = None if q is None else q[off : off + b.param.numel()]
+                    D, pr = adam_diag(b.param, self.optimizer, groups, gT, q_name, sl)
+                    parts.append(D)
+                    poor.append(pr.to(dev))
+                    off += b.param.numel()
+                diag["adam"] = parts[0] if len(parts) == 1 else torch.cat(parts)
                 if "adam2" in metrics:
-                    diag["adam2"] = D * D
-                poor, coords = poor + p, coords + D.numel()
+                    diag["adam2"] = diag["adam"] ** 2
+                coords += off
             M = diag[self.metric]
-            K += ops.gram(M, self.metric).to(**cpu)
-            U = torch.stack([gT, *[self._direction(d, blk.param, gT, M) for d in dirs]])
+            K += ops.gram(M, self.metric).to(f64)
+            U = torch.stack([gT, *[self._direction(d, blocks, gT, M) for d in dirs]]) if dirs else gT[None]
             UM = U if M is None else U * M
-            B += ops.dots(UM).to(**cpu)
-            dir_gram += (UM @ U.T).to(**cpu)
+            B += ops.dots(UM).to(f64)
+            dir_gram += (UM @ U.T).to(f64)
             for a in self.aux_metrics:
                 ga = gT if diag[a] is None else gT * diag[a]
-                aux[a]["b"] += ops.dots(ga[None])[:, 0].to(**cpu)
-                aux[a]["sq_norms"] += ops.sq_norms(diag[a], a).to(**cpu)
-                aux[a]["y2"] += float((gT * ga).sum())
-        return Scores(K=K, b=B, y2=float(dir_gram[0, 0]), dir_gram=dir_gram, losses=None,
-                      target_losses=None, sq_norms=K.diagonal().clone(), finite=finite[:n].clone(),
-                      poor_frac=poor / coords if coords else None, aux=aux, ghost=self._ghost_info(adam))
+                aux[a]["b"] += ops.dots(ga[None])[:, 0].to(f64)
+                aux[a]["sq_norms"] += ops.sq_norms(diag[a], a).to(f64)
+                aux[a]["y2"] += (gT * ga).sum().to(f64)
+        aux = {a: {"b": d["b"].cpu(), "sq_norms": d["sq_norms"].cpu(), "y2": float(d["y2"])} for a, d in aux.items()}
+        K, B, dir_gram = K.cpu(), B.cpu(), dir_gram.cpu()
+        return Scores(K=K, b=B, y2=float(dir_gram[0, 0]), dir_gram=dir_gram, losses=None, target_losses=None,
+                      sq_norms=K.diagonal().clone(), finite=finite[:n].clone(),
+                      poor_frac=float(torch.stack(poor).sum()) / coords if coords else None, aux=aux,
+                      ghost=self._ghost_info(adam))
 
     def _ghost_info(self, adam: bool) -> dict:
         if not self._ghost:
@@ -237,10 +262,13 @@ class GradEngine:
         return {"layers": len(self._ghost), "adam_q": self.ghost_q if adam else None,
                 "rank1_err_max": max(errs) if errs else 0.0}
 
-    def _direction(self, name, p, gT, M):
+    def _direction(self, name, blocks, gT, M):
+        """The extra direction over the blocks' coordinates (concatenated like gT)."""
         if name == "momentum":  # u = m (AdamW's exp_avg)
-            return state_vec(self.optimizer, p, "exp_avg", gT)
-        theta = p.detach().reshape(-1).to(gT)  # "decay": u = M^{-1} theta
+            parts = [state_vec(self.optimizer, b.param, "exp_avg", gT.new_empty(b.param.numel())) for b in blocks]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        parts = [b.param.detach().reshape(-1).to(gT) for b in blocks]  # "decay": u = M^{-1} theta
+        theta = parts[0] if len(parts) == 1 else torch.cat(parts)
         return theta if M is None else theta / M
 
     # ------------------------------------------------------------------ update

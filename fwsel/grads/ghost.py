@@ -49,7 +49,11 @@ def rank1(M: torch.Tensor, iters: int = 4):
     for _ in range(iters):
         u = M @ c / (c @ c).clamp_min(tiny)
         c = M.T @ u / (u @ u).clamp_min(tiny)
-    err = float(torch.linalg.norm(M - torch.outer(u, c)) / torch.linalg.norm(M).clamp_min(tiny))
+    # |M - u c^T|^2 = |M|^2 - 2 u.(M c) + |u|^2 |c|^2 without a d_out x d_in temporary (float64
+    # scalars; cancellation limits the reported error to ~sqrt(machine eps): a diagnostic)
+    m2 = float(torch.linalg.vector_norm(M).double() ** 2)
+    e2 = m2 - 2 * float(u.double() @ (M @ c).double()) + float(u.double() @ u.double()) * float(c.double() @ c.double())
+    err = (max(e2, 0.0) / max(m2, 1e-300)) ** 0.5
     return u.clamp_min(0), c.clamp_min(0), err
 
 
