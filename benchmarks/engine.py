@@ -1,6 +1,7 @@
 """CPU benchmark of the gradient engine (issues 3 and 10). Not a test: prints a markdown table.
 
-    python benchmarks/engine.py            # every size (about 10 min on 2 cores)
+    python benchmarks/engine.py            # every size but llama full FT (about 10 min on 2 cores)
+    python benchmarks/engine.py --all      # ... and llama full FT (~3 min more)
     python benchmarks/engine.py --quick    # tiny 16x128 and the wide config, fewer repeats (~3 min)
 
 Per case, arms on the same N + v rows (same dtype and attention, optimizer step left out):
@@ -50,12 +51,14 @@ CASES = {  # name: (config, setting, N, v, T, arms, heavy)
     "llama-16x1024-full": ("llama", "full", 16, 8, 1024, HEAVY, True),
 }
 QUICK = ["tiny-16x128-lora", "tiny-16x128-full", "wide-16x16-full"]
-QUICK_SKIP = ("engine sgd materialize", "func")  # the wide case's slow, memory-hungry arms (GBs)
+OPTIONAL = ["llama-16x1024-full"]  # ~3 min more: only with --all or --cases
+QUICK_SKIP = {"wide-16x16-full": ("engine sgd materialize", "func")}  # slow, GBs of memory
 
 
 def arms_of(name):
     """The case's arms; --quick leaves out QUICK_SKIP."""
-    return {k: v for k, v in CASES[name][5].items() if not (ARGS.quick and k in QUICK_SKIP)}
+    skip = QUICK_SKIP.get(name, ()) if ARGS.quick else ()
+    return {k: v for k, v in CASES[name][5].items() if k not in skip}
 
 
 def setup(name):
@@ -200,7 +203,8 @@ def report_case(name, reps, warm):
 def main():
     import torch
 
-    names = QUICK if ARGS.quick else list(CASES)
+    names = ARGS.cases.split(",") if ARGS.cases else QUICK if ARGS.quick else \
+        [c for c in CASES if ARGS.all or c not in OPTIONAL]
     reps = ARGS.repeats or (3 if ARGS.quick else 5)
     warm = ARGS.warmup if ARGS.warmup is not None else (1 if ARGS.quick else 2)
     print(f"torch {torch.__version__}, {ARGS.threads} thread(s), fp32, CPU; load avg {os.getloadavg()[0]:.1f}")
@@ -224,6 +228,8 @@ def main():
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny 16x128 + wide, 1 warm-up + 3 repeats")
+    ap.add_argument("--all", action="store_true", help="also the optional cases (" + ", ".join(OPTIONAL) + ")")
+    ap.add_argument("--cases", help="comma-separated case names instead (" + ", ".join(CASES) + ")")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per arm (default 5, quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls per arm first (default 2, quick 1)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in every child (1: steadier when shared)")

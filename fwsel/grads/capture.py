@@ -191,6 +191,10 @@ class Capture:
 
     def factors(self, site):
         """The site's (X, E, rows) over every scored row, tokens sorted by row."""
+        if not site.factors:  # never called in this pass: no tokens, zero gradient
+            m, kw = site.module, dict(dtype=self.dtype, device=self.device)
+            return (torch.zeros(0, m.in_features, **kw), torch.zeros(0, m.out_features, **kw),
+                    torch.zeros(0, dtype=torch.long, device=self.device))
         X, E, rows = (torch.cat(parts) for parts in zip(*site.factors))
         order = torch.argsort(rows, stable=True)
         return X[order], E[order], rows[order]
