@@ -48,7 +48,8 @@ def build(cfg, setting, dtype=torch.float32, device="cpu", r=16, seed=0, checkpo
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(1, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed)).to(device)
-    sequence_losses(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}).losses.sum().backward()
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    sequence_losses(model, batch).losses.sum().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return model, opt

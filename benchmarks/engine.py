@@ -11,8 +11,11 @@ gradients (eager attention) + the same products. Timing: one subprocess per case
 untimed then `--repeats` timed calls with the arms interleaved, medians; each engine arm is built
 before and closed after its call (no hooks stay registered for the others). Memory: every arm
 once more in its own fresh subprocess, peak resident set size (sampled every ms) above the level
-after building model, optimizer state and batches. Heavy cases (the Llama-shaped config, ~1.5
-min per call here) are timed by that single call only and skip torch.func (marked).
+after building model, optimizer state and batches, under MALLOC_MMAP_THRESHOLD_=131072 (without
+it glibc keeps freed blocks and the peak RSS of identical runs varied 2x). Heavy cases (the
+Llama-shaped config, 1-2 min per call here) are timed by that single call only, without the
+mmap setting (it slows allocation; their tensors are mostly above glibc's 32 MB mmap limit
+anyway), and skip torch.func (marked).
 Last: Spearman correlation of the token-Gram path's rank-1-D Gram with the exact Adam Gram on
 the pool after 20 real training steps (tiny full fine-tuning on the synthetic task stream).
 """
@@ -159,10 +162,12 @@ def child_spearman(steps, hidden):
     print(json.dumps({"hidden": hidden, "steps": steps, "N": tr.N, "rho": rho, "rank1_err_max": err}))
 
 
-def run_child(args, timeout):
+def run_child(args, timeout, mem=False):
     cmd = [sys.executable, os.path.abspath(__file__), *args, "--threads", str(ARGS.threads)]
     cmd += ["--quick"] if ARGS.quick else []
     env = {**os.environ, "OMP_NUM_THREADS": str(ARGS.threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    if mem:  # a fixed mmap threshold: freed blocks go back to the OS, so RSS follows live memory
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -186,7 +191,8 @@ def report_case(name, reps, warm):
     if "error" in timing:
         print(f"| {name} | - | - | - | - | - | - | {timing['error']} |")
         return
-    mem = {label: run_child(["--child", "mem", "--case", name, "--arm", label], ARGS.timeout) for label in arms}
+    mem = {label: run_child(["--child", "mem", "--case", name, "--arm", label], ARGS.timeout, mem=not heavy)
+           for label in arms}  # heavy: the call is also the timing, so no mmap setting (its blocks are > 32 MB)
     med = {}
     for label in arms:
         ts = timing["times"].get(label) or ([mem[label]["time"]] if "time" in mem[label] else [])
@@ -209,7 +215,8 @@ def main():
     warm = ARGS.warmup if ARGS.warmup is not None else (1 if ARGS.quick else 2)
     print(f"torch {torch.__version__}, {ARGS.threads} thread(s), fp32, CPU; load avg {os.getloadavg()[0]:.1f}")
     print(f"timing: {warm} warm-up + {reps} timed calls per arm, arms interleaved, medians (heavy: 1 call)")
-    print("memory: each arm once in a fresh process, peak RSS (1 ms samples) above the post-build level\n")
+    print("memory: each arm once in a fresh process, peak RSS (1 ms samples) above the post-build level, "
+          "MALLOC_MMAP_THRESHOLD_=131072\n")
     print("| case | arm | s/step | / plain | / func | peak MiB | mem / plain | note |")
     print("|---|---|---|---|---|---|---|---|")
     for name in names:

@@ -130,7 +130,8 @@ def test_rank1_is_exact_when_D_has_rank_1():
     model, opt = wide(steps=0, eps=0.0)
     for p in [p for p in model.parameters() if p.requires_grad]:
         shape = p.shape if p.dim() == 2 else (p.shape[0], 1)
-        v = torch.outer(torch.rand(shape[0], generator=g, dtype=F64) + 0.1, torch.rand(shape[1], generator=g, dtype=F64))
+        a, b = torch.rand(shape[0], generator=g, dtype=F64) + 0.1, torch.rand(shape[1], generator=g, dtype=F64)
+        v = torch.outer(a, b)
         opt.state[p] = {"step": torch.tensor(3.0), "exp_avg": torch.randn(p.shape, generator=g, dtype=F64) * 1e-3,
                         "exp_avg_sq": v.reshape(p.shape) * 1e-6}
     pool, target = batches()

@@ -27,9 +27,11 @@ transformers causal LM, plain or peft-LoRA-wrapped.
   updated), Adam's `poor_frac` and the `aux` metrics. All on the CPU in float64. `g_i` is the
   gradient of row i's mean-token loss.
 * `GradEngine.apply_update(indices, weights)`: adds `(1/|S|) sum w_i g_i` to `.grad` of the
-  captured parameters from the kept per-sample gradients, then runs one weighted backward
-  over the selected rows for trainable parameters that are not captured. It does not clip
-  or step. Scoring itself never touches `.grad` (gradient accumulation is safe).
+  captured parameters from the kept per-sample gradients; embeddings and norms (row-wise
+  modules owning their weights) re-run alone on the selected rows with their kept output
+  gradients (fwsel.grads.local); only what remains (a weight tied to the head) gets one
+  weighted backward over the selected rows. It does not clip or step. Scoring itself never
+  touches `.grad` (gradient accumulation is safe).
 
 Metric `M`: `sgd` (identity), `adam` (the linearised AdamW diagonal `D` from the live
 `torch.optim.AdamW` state; `adam_q` = pool | state | taylor picks the frozen second moment),
@@ -37,8 +39,8 @@ Metric `M`: `sgd` (identity), `adam` (the linearised AdamW diagonal `D` from the
 
 What is captured: every trainable `nn.Linear` — peft's `lora_A`/`lora_B` (LoRA scaling and
 dropout masks are inside what the hooks see), or in full fine-tuning every Linear including
-an untied `lm_head`. Embeddings, norms and a head tied to the embedding are NOT in `K`/`b`:
-they train through the fallback backward only. DoRA and other LoRA variants, merged or
+an untied `lm_head`. Embeddings, norms and a head tied to the embedding are NOT in `K`/`b`
+(they train through the update only: `cap.fallback`). DoRA and other LoRA variants, merged or
 disabled adapters and LoRA on embeddings raise `ValueError`. Gradient checkpointing must be
 non-reentrant (recomputed forwards are not captured twice; reentrant raises).
 

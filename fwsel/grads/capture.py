@@ -242,7 +242,8 @@ class Capture:
             n = x.shape[0]
             X, E = x.reshape(n, -1, x.shape[-1]), e.reshape(n, -1, e.shape[-1])
             if site.ghost:
-                keep = mask if mask is not None and mask.shape == X.shape[:2] else torch.ones_like(X[..., 0], dtype=torch.bool)
+                keep = mask if mask is not None and mask.shape == X.shape[:2] else \
+                    torch.ones(X.shape[:2], dtype=torch.bool, device=X.device)  # no mask: every token
                 r = torch.arange(rows, rows + n, device=X.device)[:, None].expand(keep.shape)
                 site.factors.append((X[keep], E[keep], r[keep]))
             else:

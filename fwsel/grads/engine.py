@@ -161,7 +161,8 @@ class GradEngine:
             for X, E, r in facs.values():
                 drop = dev[r]
                 X[drop], E[drop] = 0, 0
-        self._ghost = {id(cap.sites[i]): GhostOps(X, E, r, n, rows, self.ghost_chunk_tokens) for i, (X, E, r) in facs.items()}
+        self._ghost = {id(cap.sites[i]): GhostOps(X, E, r, n, rows, self.ghost_chunk_tokens)
+                       for i, (X, E, r) in facs.items()}
         self._finite, self._pool = finite[:n], {key: val[:n] for key, val in batch.items()}
         scores = self._products(n, finite, tuple(extra_dirs), k)
         scores.losses, scores.target_losses = losses[:n], losses[n:]

@@ -15,7 +15,10 @@ materialising (forming every G_i plus the dot products), so token Gram wins when
 short rows through wide layers. It then also holds less memory (`T (d_in + d_out)` per row).
 
 Products with a direction `U` (`b = <G_i, M U>` for `U = g_T`, Adam's momentum, ...) stay
-exact for any diagonal metric: `<G_i, W> = sum_t e_it^T W x_it` with `W = M ⊙ U` formed once.
+exact for any diagonal metric: `<G_i, W> = sum_t e_it^T W x_it` with `W = M ⊙ U` formed once
+(with `g_T` itself one matmul over the target tokens): together as costly as the weight gradient
+a plain backward forms. In sgd geometry without extra directions `b` and `y2` come instead from
+the token Gram of pool and target rows (cheap for short rows).
 The N x N Gram under a diagonal metric `M` does not factor; it is exact for `M = I` and uses a
 rank-1 approximation `M ≈ u c^T` (from the row and column means of `M` as a `d_out x d_in`
 matrix; exact when `M` has rank 1): then `<G_i, M ⊙ G_j> = sum_{t,s} (x_it ⊙ c . x_js)
@@ -53,7 +56,8 @@ def rank1(M: torch.Tensor, iters: int = 0):
     # |M - u c^T|^2 = |M|^2 - 2 u.(M c) + |u|^2 |c|^2 without a d_out x d_in temporary (float64
     # scalars; cancellation limits the reported error to ~sqrt(machine eps): a diagnostic)
     m2 = float(torch.linalg.vector_norm(M).double() ** 2)
-    e2 = m2 - 2 * float(u.double() @ (M @ c).double()) + float(u.double() @ u.double()) * float(c.double() @ c.double())
+    uu, cc = float(u.double() @ u.double()), float(c.double() @ c.double())
+    e2 = m2 - 2 * float(u.double() @ (M @ c).double()) + uu * cc
     err = (max(e2, 0.0) / max(m2, 1e-300)) ** 0.5
     return u.clamp_min(0), c.clamp_min(0), err
 
