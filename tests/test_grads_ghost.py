@@ -161,3 +161,13 @@ def test_non_finite_row_is_zeroed_on_token_gram_layers():
     assert sc.finite.tolist() == [True, True, False, True, True] and (sc.K[2] == 0).all()
     G, _ = oracle_grads(model, {k: v[keep] for k, v in pool.items()}, captured_params(model))
     assert relerr(sc.K[keep][:, keep], G @ G.T) <= 1e-10
+
+
+def test_token_gram_under_gradient_checkpointing_and_chunked_loss():
+    model, opt = wide(steps=0)
+    pool, target = batches()
+    ref = GradEngine(model, opt, "sgd", grad_path="ghost").score(pool, target, ("momentum",))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sc = GradEngine(model, opt, "sgd", grad_path="ghost", loss_chunk_tokens=4).score(pool, target, ("momentum",))
+    assert model.is_gradient_checkpointing
+    assert relerr(sc.K, ref.K) <= 1e-12 and relerr(sc.b, ref.b) <= 1e-12
