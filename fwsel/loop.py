@@ -109,6 +109,7 @@ class Trainer:
             self.engine = grads.GradEngine(self.model, self.optimizer, metric=self.selector.metric,
                                      loss_chunk_tokens=int(self.cfg.loss_chunk_tokens),
                                      micro_batch_size=self.cfg.micro_batch_size,
+                                     grad_path=self.cfg.get("grad_path", "auto"),
                                      **dict(self.selector.engine_kwargs))
         return self.engine
 

@@ -15,7 +15,8 @@ def _predicted(opt, params, grads, adam_q="taylor"):
     for p, g in zip(params, grads):
         grp, st = groups[id(p)], opt.state[p]
         (b1, _), eta, lam, t = grp["betas"], grp["lr"], grp["weight_decay"], float(st["step"])
-        D, _ = adam_diag(p, opt, groups, g.reshape(1, -1), 0, 1, adam_q)
+        flat = g.reshape(-1)  # pool q of a one-row "pool": the row's own g*g
+        D, _ = adam_diag(p, opt, groups, flat, adam_q, q=flat * flat if adam_q == "pool" else None)
         D = D.view_as(p)
         c = (1 - b1) / (1 - b1 ** (t + 1))
         a = -eta * (b1 / (1 - b1 ** (t + 1)) * D * st["exp_avg"] + lam * p.detach())

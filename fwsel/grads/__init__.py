@@ -27,9 +27,11 @@ transformers causal LM, plain or peft-LoRA-wrapped.
   updated), Adam's `poor_frac` and the `aux` metrics. All on the CPU in float64. `g_i` is the
   gradient of row i's mean-token loss.
 * `GradEngine.apply_update(indices, weights)`: adds `(1/|S|) sum w_i g_i` to `.grad` of the
-  captured parameters from the kept per-sample gradients, then runs one weighted backward
-  over the selected rows for trainable parameters that are not captured. It does not clip
-  or step. Scoring itself never touches `.grad` (gradient accumulation is safe).
+  captured parameters from the kept per-sample gradients; embeddings and norms (row-wise
+  modules owning their weights) re-run alone on the selected rows with their kept output
+  gradients (fwsel.grads.local); only what remains (a weight tied to the head) gets one
+  weighted backward over the selected rows. It does not clip or step. Scoring itself never
+  touches `.grad` (gradient accumulation is safe).
 
 Metric `M`: `sgd` (identity), `adam` (the linearised AdamW diagonal `D` from the live
 `torch.optim.AdamW` state; `adam_q` = pool | state | taylor picks the frozen second moment),
@@ -37,11 +39,18 @@ Metric `M`: `sgd` (identity), `adam` (the linearised AdamW diagonal `D` from the
 
 What is captured: every trainable `nn.Linear` — peft's `lora_A`/`lora_B` (LoRA scaling and
 dropout masks are inside what the hooks see), or in full fine-tuning every Linear including
-an untied `lm_head`. Embeddings, norms and a head tied to the embedding are NOT in `K`/`b`:
-they train through the fallback backward only. DoRA and other LoRA variants, merged or
+an untied `lm_head`. Embeddings, norms and a head tied to the embedding are NOT in `K`/`b`
+(they train through the update only: `cap.fallback`). DoRA and other LoRA variants, merged or
 disabled adapters and LoRA on embeddings raise `ValueError`. Gradient checkpointing must be
-non-reentrant (recomputed forwards are not captured twice). The per-sample gradients are
-materialised as a `[N + v, P]` buffer (float32, float64 for float64 models) until the update.
+non-reentrant (recomputed forwards are not captured twice; reentrant raises).
+
+Two product paths per captured Linear (`grad_path`, fwsel.grads.ghost has the cost model):
+materialise (the per-sample gradients as a `[N + v, P]` buffer, float32 or float64 for float64
+models, until the update; exact in every metric) or token Gram (keeps each row's layer inputs
+and output gradients; `K` from `(X_i X_j^T) ⊙ (E_i E_j^T)` in token chunks, `b` exact through
+`M ⊙ g_T`, the update as one `E_S^T diag(w) X_S`). `auto` (default) takes the token Gram where it
+is cheaper and exact (sgd metrics); `ghost` forces it, and in adam geometry its `K` then uses a
+rank-1 `D` with `adam_q=state` on those layers (approximate, logged, `Scores.ghost`).
 """
 
 from .engine import GradEngine, Scores

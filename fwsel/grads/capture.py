@@ -4,24 +4,29 @@ Every trainable `nn.Linear` is captured (peft's `lora_A` / `lora_B` sub-modules,
 Linear in full fine-tuning, an untied `lm_head` included); a Linear whose weight is shared
 with a non-Linear module (a head tied to the embedding) is not. Everything else trainable
 (embeddings, norms, peft `modules_to_save` copies that are not Linear) is a *fallback*
-parameter: it trains through an ordinary weighted backward and is left out of the products.
+parameter, left out of the products: row-wise modules (embeddings, norms) are updated locally
+from what their hooks keep (fwsel.grads.local), the rest through an ordinary weighted backward.
 
 While scoring, every trainable parameter is temporarily marked `requires_grad=False` and each
 captured Linear's output is routed through an identity autograd function ("tap") tied to a
 dummy leaf. The backward then delivers each call's output gradient `E` to the tap, which
 forms `G_i = E_i^T X_i` for every row at once (batched matmul) into one row-major buffer
 `[rows, P]`, while autograd never forms the summed weight gradients nor touches `.grad`.
+A site on the token-Gram path (`Site.ghost`, chosen per scoring pass) keeps its weight's
+factors instead (`X` and `E` of every unpadded token, fwsel.grads.ghost) and has no columns in
+the buffer; its bias, if any, is still materialised.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch import nn
 
+from .local import LocalSite, find_local
 from .loss import unwrap
 
 
@@ -33,6 +38,7 @@ class Block:
     name: str
     start: int
     end: int
+    ghost: "Site | None" = None  # this scoring pass: the token-Gram site holding the factors
 
 
 @dataclass
@@ -42,6 +48,8 @@ class Site:
     module: nn.Linear
     weight: Block
     bias: Block | None
+    ghost: bool = False  # token-Gram path for the weight in this scoring pass
+    factors: list = field(default_factory=list)  # (X [tok, d_in], E [tok, d_out], rows [tok])
 
 
 def check_peft(model: nn.Module) -> None:
@@ -127,6 +135,9 @@ class Capture:
 
     def __init__(self, model: nn.Module):
         self.sites, self.blocks, self.fallback = find_sites(model)
+        self.local = find_local(model, self.fallback)
+        local = {id(p) for s in self.local for p in s.params}
+        self.pass_params = [p for p in self.fallback if id(p) not in local]  # need the weighted backward
         self.size = self.blocks[-1].end if self.blocks else 0
         self.captured = [b.param for b in self.blocks]
         dt = {p.dtype for p in self.captured}
@@ -136,12 +147,35 @@ class Capture:
         self.buf: torch.Tensor | None = None  # [rows, size] per-sample gradients
         self.offset = 0  # global row of the current micro-batch's first row
         self.mb_rows = 0  # rows in the current micro-batch
+        self.tok_mask: torch.Tensor | None = None  # [mb_rows, width] unpadded tokens (ghost factors)
         self.chunk_rows: torch.Tensor | None = None  # local row of each head-chunk token
         self.dummy: torch.Tensor | None = None
         self.handles = [s.module.register_forward_hook(partial(self._hook, s)) for s in self.sites]
+        self.handles += [s.module.register_forward_hook(partial(self._local_hook, s)) for s in self.local]
 
     def on_chunk(self, rows: torch.Tensor) -> None:
         self.chunk_rows = rows
+
+    def layout(self, ghost) -> None:
+        """Mark the token-Gram sites (a set of site indices) and give the other blocks buffer columns."""
+        for s in self.sites:
+            s.ghost, s.factors = False, []
+        for s in self.local:
+            s.saved = []
+        for b in self.blocks:
+            b.ghost = None
+        for i in ghost:
+            self.sites[i].ghost = True
+            self.sites[i].weight.ghost = self.sites[i]
+        offset = 0
+        for b in self.blocks:
+            n = 0 if b.ghost is not None else b.param.numel()
+            b.start, b.end, offset = offset, offset + n, offset + n
+        self.size = offset
+
+    @property
+    def mat_blocks(self):
+        return [b for b in self.blocks if b.ghost is None]
 
     @contextmanager
     def scoring(self, n_rows: int):
@@ -150,14 +184,45 @@ class Capture:
         self.dummy = torch.zeros((), device=self.device, requires_grad=True)
         self.active = True
         try:
-            with requires_grad(self.captured + self.fallback, False):
+            with requires_grad(self.captured + self.fallback, False):  # local params are fallback ones
                 yield
         finally:
-            self.active, self.dummy, self.chunk_rows = False, None, None
+            self.active, self.dummy, self.chunk_rows, self.tok_mask = False, None, None, None
+
+    def factors(self, site):
+        """The site's (X, E, rows) over every scored row, tokens sorted by row."""
+        if not site.factors:  # never called in this pass: no tokens, zero gradient
+            m, kw = site.module, dict(dtype=self.dtype, device=self.device)
+            return (torch.zeros(0, m.in_features, **kw), torch.zeros(0, m.out_features, **kw),
+                    torch.zeros(0, dtype=torch.long, device=self.device))
+        X, E, rows = (torch.cat(parts) for parts in zip(*site.factors))
+        order = torch.argsort(rows, stable=True)
+        return X[order], E[order], rows[order]
+
+    def _capturing(self) -> bool:
+        # off outside scoring and in non-reentrant checkpoint recomputation (inside backward: a
+        # tap there would never receive a gradient, and a head chunk would fail the row check)
+        if not self.active or torch._C._current_graph_task_id() != -1:
+            return False
+        if not torch.is_grad_enabled():  # scoring always runs under grad
+            raise RuntimeError("a captured module ran without grad while scoring: reentrant gradient "
+                               "checkpointing is unsupported (use use_reentrant=False)")
+        return True
+
+    def _local_hook(self, site: LocalSite, module, args, output):
+        if not self._capturing():
+            return None
+        x = args[0].detach() if args else None
+        if x is None or x.dim() < 2 or x.shape[0] != self.mb_rows or not isinstance(output, torch.Tensor):
+            raise RuntimeError(f"{type(module).__name__}: expected one [batch, ...] input and output")
+        return _Tap.apply(output, self.dummy, partial(self._local_sink, site, x, self.offset))
+
+    @staticmethod
+    def _local_sink(site, x, row0, grad):
+        site.saved.append((x, grad.detach(), row0))
 
     def _hook(self, site, module, args, output):
-        # capture off outside scoring, in no-grad evaluation, and in checkpoint recomputation
-        if not self.active or not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+        if not self._capturing():
             return None
         x = args[0].detach()
         if x.dim() >= 3:
@@ -168,20 +233,31 @@ class Capture:
             if self.chunk_rows is None or self.chunk_rows.numel() != x.shape[0]:
                 raise RuntimeError("a captured Linear was called on 2-D input outside the loss head")
             rows = self.chunk_rows + self.offset
-        return _Tap.apply(output, self.dummy, partial(self._sink, site, x, rows))
+        return _Tap.apply(output, self.dummy, partial(self._sink, site, x, rows, self.tok_mask))
 
-    def _sink(self, site, x, rows, grad):
+    def _sink(self, site, x, rows, mask, grad):
         x, e = x.to(self.dtype), grad.to(self.dtype)
         w, b = site.weight, site.bias
         if isinstance(rows, int):  # batched [B, ..., d]: every row's tokens at once
             n = x.shape[0]
             X, E = x.reshape(n, -1, x.shape[-1]), e.reshape(n, -1, e.shape[-1])
-            dst = self.buf[rows : rows + n]
-            dst[:, w.start : w.end] += torch.bmm(E.transpose(1, 2), X).reshape(n, -1)
+            if site.ghost:
+                keep = mask if mask is not None and mask.shape == X.shape[:2] else \
+                    torch.ones(X.shape[:2], dtype=torch.bool, device=X.device)  # no mask: every token
+                r = torch.arange(rows, rows + n, device=X.device)[:, None].expand(keep.shape)
+                site.factors.append((X[keep], E[keep], r[keep]))
+            else:
+                dst = self.buf[rows : rows + n]
+                dst[:, w.start : w.end] += torch.bmm(E.transpose(1, 2), X).reshape(n, -1)
             if b is not None:
-                dst[:, b.start : b.end] += E.sum(1)
+                self.buf[rows : rows + n, b.start : b.end] += E.sum(1)
             return
         # head chunk [tokens, d]: tokens of one row are contiguous
+        if site.ghost:
+            site.factors.append((x, e, rows))
+            if b is not None:
+                self.buf[:, b.start : b.end].index_add_(0, rows, e)
+            return
         uniq, counts = torch.unique_consecutive(rows, return_counts=True)
         sizes = counts.tolist()
         for r, xs, es in zip(uniq.tolist(), x.split(sizes), e.split(sizes)):

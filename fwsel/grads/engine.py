@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 
@@ -9,10 +10,13 @@ import numpy as np
 import torch
 
 from .capture import Capture, check_peft, requires_grad
-from .loss import concat_batches, sequence_losses, take_rows
-from .metric import ADAM_Q, METRICS, adam_diag, group_of, state_vec
+from .ghost import PATHS, GhostOps, prefers_ghost
+from .local import local_update
+from .loss import concat_batches, sequence_losses, take_rows, unwrap
+from .metric import ADAM_Q, METRICS, adam_diag, group_of, pool_q, state_vec
 
 DIRS = ("momentum", "decay")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,6 +33,25 @@ class Scores:
     finite: torch.Tensor  # [N] bool; False rows of K, b are 0 and never enter the update
     poor_frac: float | None = None  # adam: fraction of coordinates with (1-b2) q > b2 v
     aux: dict = field(default_factory=dict)  # metric -> {"b": [N], "sq_norms": [N], "y2": float}
+    ghost: dict = field(default_factory=dict)  # token-Gram layers: {"layers", "adam_q", "rank1_err_max"}
+
+
+class MatOps:
+    """Products for one materialised block from its per-sample gradients `Gp` ([N, numel])."""
+
+    def __init__(self, Gp):
+        self.Gp = Gp
+
+    def gram(self, M=None, key=None):
+        GM = self.Gp if M is None else self.Gp * M
+        return GM @ self.Gp.T
+
+    def sq_norms(self, M=None, key=None):
+        G2 = self.Gp * self.Gp
+        return G2.sum(1) if M is None else G2 @ M
+
+    def dots(self, W):
+        return self.Gp @ W.T
 
 
 class GradEngine:
@@ -36,16 +59,23 @@ class GradEngine:
 
     `metric`: sgd | adam | adam2; `adam_q`: pool | state | taylor; `loss_chunk_tokens`: head
     chunk size; `micro_batch_size`: rows per forward/backward (None: all at once);
-    `aux_metrics`: other metrics whose N-vectors (b for g_T, squared norms, y2) are also returned.
+    `aux_metrics`: other metrics whose N-vectors (b for g_T, squared norms, y2) are also returned;
+    `grad_path`: per-layer products, `auto` (token Gram where the cost model of fwsel.grads.ghost
+    says it is cheaper AND it is exact, i.e. every metric asked for is sgd), `materialize`, or
+    `ghost` (token Gram on every Linear not sharing its weight; in adam geometry that Gram uses a
+    rank-1 D and, as pool q needs per-sample gradients, adam_q=state on those layers: approximate);
+    `ghost_chunk_tokens`: token block size of the token-Gram (bounds its memory).
     """
 
     def __init__(self, model, optimizer, metric="sgd", *, adam_q="pool", loss_chunk_tokens=4096,
-                 micro_batch_size=None, aux_metrics=()):
+                 micro_batch_size=None, aux_metrics=(), grad_path="auto", ghost_chunk_tokens=1024):
         for m in (metric, *aux_metrics):
             if m not in METRICS:
                 raise ValueError(f"metric must be one of {METRICS}, got {m!r}")
         if adam_q not in ADAM_Q:
             raise ValueError(f"adam_q must be one of {ADAM_Q}, got {adam_q!r}")
+        if grad_path not in PATHS:
+            raise ValueError(f"grad_path must be one of {PATHS}, got {grad_path!r}")
         if optimizer is None and any(m != "sgd" for m in (metric, *aux_metrics)):
             raise ValueError("the adam metrics need the optimizer")
         if micro_batch_size is not None and micro_batch_size < 1:
@@ -54,11 +84,41 @@ class GradEngine:
         self.model, self.optimizer, self.metric = model, optimizer, metric
         self.adam_q, self.loss_chunk_tokens = adam_q, loss_chunk_tokens
         self.micro_batch_size, self.aux_metrics = micro_batch_size, tuple(aux_metrics)
+        self.grad_path, self.ghost_chunk_tokens = grad_path, int(ghost_chunk_tokens)
+        self.ghost_q = "state" if adam_q == "pool" else adam_q  # adam_q on token-Gram layers
         self.cap = Capture(model)
         if not self.cap.sites:
             raise ValueError("no trainable nn.Linear to capture (LoRA adapters or full fine-tuning)")
         self._pool: dict | None = None  # the scored pool rows, kept for the fallback backward
         self._finite: torch.Tensor | None = None
+        self._ghost: dict = {}  # id(site) -> GhostOps of the last scoring pass
+        self._warned = False
+        self.group_entries = 2**26  # buffer entries per run of blocks handled together (bounds temporaries)
+
+    # ------------------------------------------------------------------ path choice
+    def plan(self, batch: dict, n: int) -> set:
+        """Indices of the sites that take the token-Gram path for this batch (n pool rows)."""
+        if self.grad_path == "materialize":
+            return set()
+        exact = all(m == "sgd" for m in (self.metric, *self.aux_metrics))
+        if self.grad_path == "auto" and not exact:
+            return set()
+        head = unwrap(self.model).get_output_embeddings()
+        rows = batch["input_ids"].shape[0]
+        t_body = float(batch["attention_mask"].sum()) / rows
+        t_head = float((batch["labels"][:, 1:] != -100).sum()) / rows
+        uses = {}
+        for s in self.cap.sites:
+            uses[id(s.weight)] = uses.get(id(s.weight), 0) + 1
+        out = set()
+        for i, s in enumerate(self.cap.sites):
+            if uses[id(s.weight)] > 1:  # a weight shared by two Linears stays materialised
+                continue
+            m = s.module
+            t = t_head if m is head else t_body
+            if self.grad_path == "ghost" or prefers_ghost(n, t, m.in_features, m.out_features):
+                out.add(i)
+        return out
 
     # ------------------------------------------------------------------ scoring
     def score(self, pool_batch: dict, target_batch: dict, extra_dirs=(), k=None) -> Scores:
@@ -74,10 +134,13 @@ class GradEngine:
         losses = torch.empty(rows, dtype=torch.float64)
         mb = self.micro_batch_size or rows
         cap = self.cap
+        ghost = self.plan(batch, n)
+        cap.layout(ghost)
         with torch.enable_grad(), cap.scoring(rows):
             for s in range(0, rows, mb):
                 sub = {key: val[s : s + mb] for key, val in batch.items()}
                 cap.offset, cap.mb_rows = s, sub["input_ids"].shape[0]
+                cap.tok_mask = sub["attention_mask"].bool()
                 out = sequence_losses(self.model, sub, self.loss_chunk_tokens, on_chunk=cap.on_chunk)
                 fin = torch.isfinite(out.losses)
                 total = out.losses[fin].sum()
@@ -85,13 +148,39 @@ class GradEngine:
                     torch.autograd.backward(total, inputs=[cap.dummy])
                 losses[s : s + cap.mb_rows] = out.losses.detach().double().cpu()
         buf = cap.buf
-        finite = torch.isfinite(losses) & torch.isfinite(buf).all(1).cpu()
+        finite = torch.isfinite(losses) & torch.isfinite(buf.sum(1)).cpu()  # a NaN/inf entry spoils the sum
+        facs = {i: cap.factors(cap.sites[i]) for i in sorted(ghost)}
+        for i in ghost:  # the engine holds the factors from here on
+            cap.sites[i].factors = []
+        for X, E, r in facs.values():  # a row with a non-finite token factor is non-finite
+            bad_tok = ~torch.isfinite(X.sum(1) + E.sum(1))
+            finite[r[bad_tok].unique().cpu()] = False
         if not bool(finite.all()):
-            buf[~finite.to(buf.device)] = 0
+            dev = ~finite.to(buf.device)
+            buf[dev] = 0
+            for X, E, r in facs.values():
+                drop = dev[r]
+                X[drop], E[drop] = 0, 0
+        self._ghost = {id(cap.sites[i]): GhostOps(X, E, r, n, rows, self.ghost_chunk_tokens)
+                       for i, (X, E, r) in facs.items()}
         self._finite, self._pool = finite[:n], {key: val[:n] for key, val in batch.items()}
         scores = self._products(n, finite, tuple(extra_dirs), k)
         scores.losses, scores.target_losses = losses[:n], losses[n:]
         return scores
+
+    def _groups(self, n: int):
+        """Runs of consecutive materialised blocks (one set of whole-run ops each; at most ~2^26
+        buffer entries, so temporaries stay bounded), then each token-Gram block alone."""
+        limit, run, cols = max(self.group_entries // max(n, 1), 1), [], 0
+        for b in self.cap.mat_blocks:
+            if run and cols + b.param.numel() > limit:
+                yield run
+                run, cols = [], 0
+            run.append(b)
+            cols += b.param.numel()
+        if run:
+            yield run
+        yield from ([b] for b in self.cap.blocks if b.ghost is not None)
 
     def _products(self, n, finite, dirs, k) -> Scores:
         buf, f64 = self.cap.buf, torch.float64
@@ -102,40 +191,85 @@ class GradEngine:
         k_eff = min(k or nf, nf) if nf > 0 else 1
         groups = group_of(self.optimizer)
         metrics = (self.metric, *[a for a in self.aux_metrics if a != self.metric])
-        nd = 1 + len(dirs)
-        K, B, dir_gram = (torch.zeros(*shape, dtype=f64) for shape in ((n, n), (n, nd), (nd, nd)))
-        aux = {a: {"b": torch.zeros(n, dtype=f64), "sq_norms": torch.zeros(n, dtype=f64), "y2": 0.0}
-               for a in self.aux_metrics}
-        poor, coords = 0, 0
-        for blk in self.cap.blocks:
-            Gp, Gt = buf[:n, blk.start : blk.end], buf[n:, blk.start : blk.end]
-            gT = Gt.sum(0) / max(nt, 1)
+        adam = any(m != "sgd" for m in metrics)
+        nd, dev = 1 + len(dirs), buf.device
+        K, B, dir_gram = (torch.zeros(*shape, dtype=f64, device=dev) for shape in ((n, n), (n, nd), (nd, nd)))
+        aux = {a: {key: torch.zeros(shape, dtype=f64, device=dev) for key, shape in
+                   (("b", (n,)), ("sq_norms", (n,)), ("y2", ()))} for a in self.aux_metrics}
+        t_coef = torch.zeros(buf.shape[0], dtype=buf.dtype, device=dev)
+        t_coef[n:] = 1.0 / max(nt, 1)  # non-finite target rows are already zero
+        poor, coords = [], 0
+        for blocks in self._groups(n):
+            ghost = blocks[0].ghost
+            if ghost is None:
+                cols = slice(blocks[0].start, blocks[-1].end)
+                ops, gT = MatOps(buf[:n, cols]), t_coef[n:] @ buf[n:, cols]
+            else:
+                ops = self._ghost[id(ghost)]
+                if not (adam or dirs):  # sgd only: b and y2 from token Grams with the target rows, no g_T
+                    Kall = ops.gram_all()
+                    K += Kall[:n, :n]
+                    b0, y0 = Kall[:n, n:].sum(1) / max(nt, 1), Kall[n:, n:].sum() / max(nt, 1) ** 2
+                    B[:, 0] += b0
+                    dir_gram[0, 0] += y0
+                    for a in self.aux_metrics:
+                        aux[a]["b"] += b0
+                        aux[a]["sq_norms"] += Kall.diagonal()[:n]
+                        aux[a]["y2"] += y0
+                    continue
+                gT = ops.weighted_sum(t_coef)
             diag = {"sgd": None}
-            if any(m != "sgd" for m in metrics):
-                D, p = adam_diag(blk.param, self.optimizer, groups, Gp, n_bad, k_eff, self.adam_q)
-                diag.update(adam=D, adam2=D * D)
-                poor, coords = poor + p, coords + D.numel()
+            if adam:
+                q_name = self.adam_q if ghost is None else self.ghost_q
+                q = pool_q(ops.Gp, n_bad, k_eff) if q_name == "pool" else None
+                parts, off = [], 0
+                for b in blocks:
+                    sl = None if q is None else q[off : off + b.param.numel()]
+                    D, pr = adam_diag(b.param, self.optimizer, groups, gT, q_name, sl)
+                    parts.append(D)
+                    poor.append(pr.to(dev))
+                    off += b.param.numel()
+                diag["adam"] = parts[0] if len(parts) == 1 else torch.cat(parts)
+                if "adam2" in metrics:
+                    diag["adam2"] = diag["adam"] ** 2
+                coords += off
             M = diag[self.metric]
-            GM = Gp if M is None else Gp * M
-            K += (GM @ Gp.T).to(device="cpu", dtype=f64)
-            U = torch.stack([gT, *[self._direction(d, blk.param, gT, M) for d in dirs]])
-            B += (GM @ U.T).to(device="cpu", dtype=f64)
-            dir_gram += ((U if M is None else U * M) @ U.T).to(device="cpu", dtype=f64)
+            K += ops.gram(M, self.metric).to(f64)
+            U = torch.stack([gT, *[self._direction(d, blocks, gT, M) for d in dirs]]) if dirs else gT[None]
+            UM = U if M is None else U * M
+            B += ops.dots(UM).to(f64)
+            dir_gram += (UM @ U.T).to(f64)
             for a in self.aux_metrics:
-                Ma = diag[a]
-                sq = (Gp * Gp).sum(1) if Ma is None else (Gp * Gp) @ Ma
-                ga = gT if Ma is None else gT * Ma
-                aux[a]["b"] += (Gp @ ga).to(device="cpu", dtype=f64)
-                aux[a]["sq_norms"] += sq.to(device="cpu", dtype=f64)
-                aux[a]["y2"] += float((gT * ga).sum())
-        return Scores(K=K, b=B, y2=float(dir_gram[0, 0]), dir_gram=dir_gram, losses=None,
-                      target_losses=None, sq_norms=K.diagonal().clone(), finite=finite[:n].clone(),
-                      poor_frac=poor / coords if coords else None, aux=aux)
+                ga = gT if diag[a] is None else gT * diag[a]
+                aux[a]["b"] += ops.dots(ga[None])[:, 0].to(f64)
+                aux[a]["sq_norms"] += ops.sq_norms(diag[a], a).to(f64)
+                aux[a]["y2"] += (gT * ga).sum().to(f64)
+        aux = {a: {"b": d["b"].cpu(), "sq_norms": d["sq_norms"].cpu(), "y2": float(d["y2"])} for a, d in aux.items()}
+        K, B, dir_gram = K.cpu(), B.cpu(), dir_gram.cpu()
+        return Scores(K=K, b=B, y2=float(dir_gram[0, 0]), dir_gram=dir_gram, losses=None, target_losses=None,
+                      sq_norms=K.diagonal().clone(), finite=finite[:n].clone(),
+                      poor_frac=float(torch.stack(poor).sum()) / coords if coords else None, aux=aux,
+                      ghost=self._ghost_info(adam))
 
-    def _direction(self, name, p, gT, M):
+    def _ghost_info(self, adam: bool) -> dict:
+        if not self._ghost:
+            return {}
+        errs = [e for g in self._ghost.values() for e in g.rank1_err.values()]
+        if adam and not self._warned:
+            self._warned = True
+            log.warning("token-Gram on %d layers: their adam-geometry K uses a rank-1 D (approximate) and "
+                        "adam_q=%s (pool q needs per-sample gradients); b and y2 stay exact",
+                        len(self._ghost), self.ghost_q)
+        return {"layers": len(self._ghost), "adam_q": self.ghost_q if adam else None,
+                "rank1_err_max": max(errs) if errs else 0.0}
+
+    def _direction(self, name, blocks, gT, M):
+        """The extra direction over the blocks' coordinates (concatenated like gT)."""
         if name == "momentum":  # u = m (AdamW's exp_avg)
-            return state_vec(self.optimizer, p, "exp_avg", gT)
-        theta = p.detach().reshape(-1).to(gT)  # "decay": u = M^{-1} theta
+            parts = [state_vec(self.optimizer, b.param, "exp_avg", gT.new_empty(b.param.numel())) for b in blocks]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        parts = [b.param.detach().reshape(-1).to(gT) for b in blocks]  # "decay": u = M^{-1} theta
+        theta = parts[0] if len(parts) == 1 else torch.cat(parts)
         return theta if M is None else theta / M
 
     # ------------------------------------------------------------------ update
@@ -156,20 +290,26 @@ class GradEngine:
             if idx.numel():
                 coef = w / idx.numel()
                 gsum = coef.to(buf) @ buf[idx.to(buf.device)]
+                row_coef = torch.zeros(buf.shape[0], dtype=buf.dtype, device=buf.device)
+                row_coef.index_add_(0, idx.to(buf.device), coef.to(buf))  # token-Gram layers: E_S^T diag(w) X_S
                 for blk in self.cap.blocks:
                     p = blk.param
-                    g = gsum[blk.start : blk.end].view_as(p).to(p.dtype)
+                    g = gsum[blk.start : blk.end] if blk.ghost is None else \
+                        self._ghost[id(blk.ghost)].weighted_sum(row_coef)
+                    g = g.view_as(p).to(p.dtype)
                     p.grad = g.clone() if p.grad is None else p.grad.add_(g)
-                if self.cap.fallback:
+                local_update(self.cap.local, row_coef)
+                if self.cap.pass_params:
                     self._fallback_backward(idx, coef)
         finally:
             self._free()
 
     def _fallback_backward(self, idx, coef) -> None:
-        """Weighted backward over the selected rows for the parameters not captured."""
+        """Weighted backward over the selected rows for the parameters neither captured nor local."""
         mb = self.micro_batch_size or idx.numel()
-        params = self.cap.fallback
-        with torch.enable_grad(), requires_grad(self.cap.captured, False):
+        params = self.cap.pass_params
+        local = [p for s in self.cap.local for p in s.params]
+        with torch.enable_grad(), requires_grad(self.cap.captured + local, False):
             for s in range(0, idx.numel(), mb):
                 sub = take_rows(self._pool, idx[s : s + mb].to(self._pool["input_ids"].device))
                 losses = sequence_losses(self.model, sub, self.loss_chunk_tokens).losses
@@ -178,7 +318,9 @@ class GradEngine:
                     torch.autograd.backward(total, inputs=params)
 
     def _free(self) -> None:
-        self.cap.buf, self._pool = None, None
+        self.cap.buf, self._pool, self._ghost = None, None, {}
+        for s in self.cap.local:
+            s.saved = []
 
     def close(self) -> None:
         """Remove the hooks; the engine is unusable afterwards."""

@@ -29,11 +29,23 @@ def state_vec(optimizer, p, key: str, like: torch.Tensor) -> torch.Tensor:
     return like.new_zeros(like.shape) if v is None else v.detach().reshape(-1).to(like)
 
 
-def adam_diag(p, optimizer, groups, Gp, n_bad: int, k: int, adam_q: str):
-    """(D over p's coordinates, number of coordinates where (1-b2) q > b2 v).
+def pool_q(Gp, n_bad: int, k: int) -> torch.Tensor:
+    """`u*u + (1/k - 1/N) s2` per column of the pool's per-sample gradients `Gp` ([N, cols]).
 
-    `Gp` holds the pool's per-sample gradients of `p` ([N, numel]); its `n_bad` non-finite
-    rows are already zero and are left out of the pool mean and variance.
+    Its `n_bad` non-finite rows are already zero and are left out of the mean and variance.
+    """
+    nf = Gp.shape[0] - n_bad
+    u = Gp.sum(0) / max(nf, 1)
+    if nf <= 1:
+        return u * u
+    s2 = (((Gp - u) ** 2).sum(0) - n_bad * u * u).clamp_min(0) / (nf - 1)
+    return u * u + (1.0 / k - 1.0 / nf) * s2
+
+
+def adam_diag(p, optimizer, groups, like: torch.Tensor, adam_q: str, q=None):
+    """(D over p's coordinates, number of coordinates where (1-b2) q > b2 v, as a 0-d tensor).
+
+    `like` gives the dtype and device; `q` is p's slice of `pool_q` when `adam_q == "pool"`.
     """
     g = groups.get(id(p))
     if g is None:
@@ -43,23 +55,16 @@ def adam_diag(p, optimizer, groups, Gp, n_bad: int, k: int, adam_q: str):
     b2, eps = g["betas"][1], g["eps"]
     st = optimizer.state.get(p, {})
     t = float(st.get("step", 0))
-    v = state_vec(optimizer, p, "exp_avg_sq", Gp[0])
-    nf = Gp.shape[0] - n_bad
-    if adam_q == "pool":
-        u = Gp.sum(0) / max(nf, 1)
-        if nf > 1:
-            s2 = (((Gp - u) ** 2).sum(0) - n_bad * u * u).clamp_min(0) / (nf - 1)
-            q = u * u + (1.0 / k - 1.0 / nf) * s2
-        else:
-            q = u * u
-    elif adam_q == "state":
-        if t == 0:
-            return torch.ones_like(v), v.numel()
-        q = v / (1 - b2**t)
-    elif adam_q == "taylor":
-        q = torch.zeros_like(v)
-    else:
+    v = state_vec(optimizer, p, "exp_avg_sq", like.new_empty(p.numel()))
+    if adam_q in ("state", "taylor"):  # q is a multiple of v: v_bar = v * scale, three passes
+        if adam_q == "state" and t == 0:
+            return torch.ones_like(v), torch.tensor(v.numel())
+        ratio = 1 / (1 - b2**t) if adam_q == "state" else 0.0  # q = ratio * v
+        scale = (b2 + (1 - b2) * ratio) / (1 - b2 ** (t + 1))
+        poor = torch.count_nonzero(v) if (1 - b2) * ratio > b2 else torch.tensor(0)
+        return (v * scale).sqrt_().add_(eps).reciprocal_(), poor
+    if adam_q != "pool":
         raise ValueError(f"adam_q must be one of {ADAM_Q}, got {adam_q!r}")
     vbar = (b2 * v + (1 - b2) * q) / (1 - b2 ** (t + 1))
-    poor = int(((1 - b2) * q > b2 * v).sum())
-    return 1.0 / (vbar.sqrt() + eps), poor
+    poor = ((1 - b2) * q > b2 * v).sum()
+    return vbar.sqrt_().add_(eps).reciprocal_(), poor
