@@ -23,6 +23,9 @@ def validate(cfg) -> None:
     _check(cfg.target.batch_size >= 1, f"target.batch_size must be >= 1, got {cfg.target.batch_size!r}")
     _check(cfg.micro_batch_size is None or int(cfg.micro_batch_size) >= 1,
            f"micro_batch_size must be null or >= 1, got {cfg.micro_batch_size!r}")
+    proj = cfg.selector.get("projection_dim")
+    _check(proj is None or (isinstance(proj, int) and not isinstance(proj, bool) and proj >= 1),
+           f"selector.projection_dim must be null or an integer >= 1, got {proj!r}")
     _check(cfg.optim.schedule in SCHEDULES,
            f"optim.schedule must be one of {'|'.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
     _check(cfg.optim.max_grad_norm is None or float(cfg.optim.max_grad_norm) > 0,

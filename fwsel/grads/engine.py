@@ -84,6 +84,7 @@ class GradEngine:
                 if total.requires_grad:
                     torch.autograd.backward(total, inputs=[cap.dummy])
                 losses[s : s + cap.mb_rows] = out.losses.detach().double().cpu()
+        n, losses = self._exchange(n, losses)  # seam: fwsel.grads.dist gathers every rank's rows here
         buf = cap.buf
         finite = torch.isfinite(losses) & torch.isfinite(buf).all(1).cpu()
         if not bool(finite.all()):
@@ -92,6 +93,11 @@ class GradEngine:
         scores = self._products(n, finite, tuple(extra_dirs), k)
         scores.losses, scores.target_losses = losses[:n], losses[n:]
         return scores
+
+    def _exchange(self, n: int, losses: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Between capture and products: (pool rows, losses) of what the products see. Here the
+        rows just captured; a sharded engine (fwsel.grads.dist) swaps in every rank's rows."""
+        return n, losses
 
     def _products(self, n, finite, dirs, k) -> Scores:
         buf, f64 = self.cap.buf, torch.float64

@@ -1,0 +1,164 @@
+"""`selector.projection_dim`: per-sample gradients compressed by a factored random projection.
+
+APPROXIMATE (null, the default, keeps gradients exact). Each captured weight block `G_i`
+(`d_out x d_in`) becomes `R_out G_i R_in^T` (`p_out x p_in`), with Gaussian `R`s of variance
+`1/p` drawn from `(seed, "projection", block)`: the same on every rank and every step. Since
+`E[R^T R] = I` for each factor, `<proj G_i, proj G_j>` is an unbiased estimate of
+`<G_i, G_j>`, with a relative error that shrinks like `1/sqrt(p)`. The dims are split evenly
+over the captured blocks, and within a block between its two sides in proportion to their
+sizes (a side whose share reaches its size stays exact). A dense projection of all `P`
+coordinates would be a `P x p` matrix: hundreds of GB at the 1B shape; the factored one holds
+`d_out p_out + d_in p_in` numbers per block.
+
+The metric `M` is applied before projecting (features of `M^(1/2) g`, so `K ~ <g_i, M g_j>`);
+with `adam_q=pool`, `D` comes from the pool's mean and variance summed over ranks (one
+all-reduce of `2P + 1` numbers). Every product the selector sees (`K`, `b`, `y2`, the extra
+directions and the aux metrics) comes from the same sketch, so the selection problem stays
+consistent (`K` positive semi-definite). The update itself uses the exact rows.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from fwsel.rng import int_seed
+
+from .metric import adam_diag, group_of, state_vec
+
+
+def split_dims(p: int, d_out: int, d_in: int) -> tuple[int, int]:
+    """(p_out, p_in) with p_out * p_in <= max(p, 1), shared in proportion to the sides."""
+    if p >= d_out * d_in:
+        return d_out, d_in
+    p_out = min(d_out, max(1, round(math.sqrt(p * d_out / d_in))))
+    return p_out, min(d_in, max(1, p // p_out))
+
+
+class Projector:
+    """The fixed factored projection of one engine's captured blocks (buffer columns -> features)."""
+
+    def __init__(self, blocks, dim: int, seed: int, device, dtype) -> None:
+        if int(dim) < 1:
+            raise ValueError(f"projection_dim must be null or an integer >= 1, got {dim!r}")
+        per = max(1, int(dim) // len(blocks))
+        self.parts, off = [], 0
+        for j, blk in enumerate(blocks):
+            shape = tuple(blk.param.shape)
+            d_out, d_in = shape if len(shape) == 2 else (1, blk.end - blk.start)
+            p_out, p_in = split_dims(per, d_out, d_in)
+            g = torch.Generator().manual_seed(int_seed(seed, "projection", j))
+
+            def draw(p, d):
+                if p == d:
+                    return None  # this side stays exact
+                return (torch.randn(p, d, generator=g, dtype=torch.float64) / math.sqrt(p)).to(device, dtype)
+
+            self.parts.append((blk, d_out, d_in, draw(p_out, d_out), draw(p_in, d_in), off, off + p_out * p_in))
+            off += p_out * p_in
+        self.dim = off
+
+    def __call__(self, G: torch.Tensor, scales=None) -> torch.Tensor:
+        """Rows `[r, P]` of buffer columns -> `[r, dim]`; `scales[j]` multiplies block j first."""
+        out = G.new_empty(G.shape[0], self.dim)
+        for j, (blk, d_out, d_in, R_out, R_in, lo, hi) in enumerate(self.parts):
+            X = G[:, blk.start : blk.end]
+            if scales is not None and scales[j] is not None:
+                X = X * scales[j]
+            X = X.reshape(-1, d_out, d_in)
+            if R_out is not None:
+                X = torch.matmul(R_out, X)
+            if R_in is not None:
+                X = torch.matmul(X, R_in.T)
+            out[:, lo:hi] = X.reshape(G.shape[0], -1)
+        return out
+
+    def vector(self, u_blocks: list[torch.Tensor]) -> torch.Tensor:
+        """One direction given block by block (flattened, in buffer order) -> `[dim]`."""
+        return self(torch.cat([u.reshape(-1) for u in u_blocks])[None])[0]
+
+
+def pool_diag(p, optimizer, groups, s1, s2, nf: int, k: int):
+    """`adam_diag`'s pool-q `D` from the pool's summed gradients `s1` and squares `s2` (all ranks)."""
+    g = groups.get(id(p))
+    if g is None:
+        raise ValueError("metric adam needs every captured parameter in the optimizer")
+    b2, eps = g["betas"][1], g["eps"]
+    t = float(optimizer.state.get(p, {}).get("step", 0))
+    v = state_vec(optimizer, p, "exp_avg_sq", s1)
+    u = s1 / max(nf, 1)
+    q = u * u
+    if nf > 1:
+        q = q + (1.0 / k - 1.0 / nf) * ((s2 - nf * u * u).clamp_min(0) / (nf - 1))
+    vbar = (b2 * v + (1 - b2) * q) / (1 - b2 ** (t + 1))
+    return 1.0 / (vbar.sqrt() + eps), int(((1 - b2) * q > b2 * v).sum())
+
+
+def features(engine, local: torch.Tensor, losses: torch.Tensor, n_loc: int, n_pool: int, k, dirs):
+    """This rank's projected rows `[rows, dim * n_metrics]` (non-finite rows: NaN), the extra
+    directions' features per metric, and Adam's poor fraction. `local` is zeroed where not finite."""
+    proj, comm, opt = engine.proj, engine.comm, engine.optimizer
+    fin = torch.isfinite(losses).to(local.device) & torch.isfinite(local.sum(1))
+    local[~fin] = 0
+    metrics = engine.metrics()
+    groups, blocks = group_of(opt), engine.cap.blocks
+    D, poor, coords = [None] * len(blocks), 0, 0
+    if any(m != "sgd" for m in metrics):
+        f64 = torch.float64
+        Gp = local[:n_loc]
+        if engine.adam_q == "pool":
+            stats = torch.cat([Gp.sum(0).to(f64), (Gp * Gp).sum(0).to(f64), fin[:n_loc].sum().to(f64)[None]])
+            comm.all_reduce_(stats)
+            P, nf = local.shape[1], int(stats[-1])
+            k_eff = min(k or nf, nf) if nf > 0 else 1
+        for j, blk in enumerate(blocks):
+            if engine.adam_q == "pool":
+                s1, s2 = stats[blk.start : blk.end].to(local.dtype), stats[P + blk.start : P + blk.end].to(local.dtype)
+                D[j], pj = pool_diag(blk.param, opt, groups, s1, s2, nf, k_eff)
+            else:  # state | taylor: D from the optimizer state alone
+                D[j], pj = adam_diag(blk.param, opt, groups, local.new_zeros(1, blk.end - blk.start), 0, 1,
+                                     engine.adam_q)
+            poor, coords = poor + pj, coords + D[j].numel()
+    root = {"sgd": [None] * len(blocks), "adam": [d.sqrt() if d is not None else None for d in D],
+            "adam2": D}
+    feats = torch.cat([proj(local, root[m]) for m in metrics], 1)
+    feats[~fin] = float("nan")  # the base engine drops non-finite rows by looking at the features
+    dir_feats = {}
+    for m in metrics:
+        rows = []
+        for d in dirs:
+            if d == "momentum":  # <g, M m> = <M^1/2 g, M^1/2 m>
+                us = [state_vec(opt, b.param, "exp_avg", local[0, b.start : b.end]) for b in blocks]
+                us = [u if r is None else u * r for u, r in zip(us, root[m])]
+            else:  # "decay": <g, theta> = <M^1/2 g, M^-1/2 theta>
+                us = [b.param.detach().reshape(-1).to(local) for b in blocks]
+                us = [u if r is None else u / r for u, r in zip(us, root[m])]
+            rows.append(proj.vector(us))
+        dir_feats[m] = rows
+    return feats, dir_feats, (poor / coords if coords else None)
+
+
+def products(engine, buf, n: int, finite, dir_feats, poor_frac):
+    """Scores from gathered features (`buf` `[N + v, dim * n_metrics]`, non-finite rows zero)."""
+    from .engine import Scores
+
+    f64, dim = torch.float64, engine.proj.dim
+    nt = int(finite[n:].sum())
+    if nt == 0:
+        warnings.warn("no target row has a finite loss and gradient: g_T = 0")
+    out = {}
+    for i, m in enumerate(engine.metrics()):
+        F = buf[:, i * dim : (i + 1) * dim].to(f64)
+        Fp, gT = F[:n], F[n:].sum(0) / max(nt, 1)
+        U = torch.stack([gT, *[u.to(f64) for u in dir_feats[m]]])
+        out[m] = (Fp, U)
+    Fp, U = out[engine.metric]
+    K, B, G = Fp @ Fp.T, Fp @ U.T, U @ U.T
+    aux = {a: {"b": out[a][0] @ out[a][1][0], "sq_norms": (out[a][0] ** 2).sum(1), "y2": float(out[a][1][0] @ out[a][1][0])}
+           for a in engine.aux_metrics}
+    cpu = lambda x: x.cpu() if isinstance(x, torch.Tensor) else x  # noqa: E731
+    return Scores(K=K.cpu(), b=B.cpu(), y2=float(G[0, 0]), dir_gram=G.cpu(), losses=None, target_losses=None,
+                  sq_norms=K.diagonal().cpu().clone(), finite=finite[:n].clone(), poor_frac=poor_frac,
+                  aux={a: {key: cpu(v) for key, v in d.items()} for a, d in aux.items()})
