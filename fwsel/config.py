@@ -26,6 +26,8 @@ def validate(cfg) -> None:
     proj = cfg.selector.get("projection_dim")
     _check(proj is None or (isinstance(proj, int) and not isinstance(proj, bool) and proj >= 1),
            f"selector.projection_dim must be null or an integer >= 1, got {proj!r}")
+    _check(cfg.selector.get("projection", "countsketch") in ("countsketch", "factored"),
+           f"selector.projection must be countsketch|factored, got {cfg.selector.get('projection')!r}")
     _check(cfg.optim.schedule in SCHEDULES,
            f"optim.schedule must be one of {'|'.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
     _check(cfg.optim.max_grad_norm is None or float(cfg.optim.max_grad_norm) > 0,

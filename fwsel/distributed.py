@@ -30,6 +30,20 @@ from fwsel.errors import ConfigError, FwselError
 _COMM = None
 
 
+class PeerError(FwselError):
+    """A collective failed: most often another rank stopped (its own error is printed by that rank)."""
+
+
+@contextmanager
+def _collective(rank: int, what: str):
+    try:
+        yield
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PeerError(f"rank {rank}: {what} failed, most likely because another rank stopped (its error is "
+                        f"printed above): {first}") from None
+
+
 def env_world(env=os.environ) -> tuple[int, int]:
     """(rank, world size) as torchrun sets them; (0, 1) outside torchrun."""
     return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
@@ -92,7 +106,8 @@ class Comm:
         pad[: src.shape[0]] = src
         out = pad.new_empty((self.world * width, *src.shape[1:]))
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(out, pad.contiguous())
+        with _collective(self.rank, "gathering rows"):
+            gather(out, pad.contiguous())
         rows = torch.cat([out[r * width : r * width + c] for r, c in enumerate(counts)])
         return rows.to(dtype)
 
@@ -100,7 +115,8 @@ class Comm:
         if self.active:
             import torch.distributed as dist
 
-            dist.all_reduce(x, op=getattr(dist.ReduceOp, op.upper()))
+            with _collective(self.rank, f"all_reduce({op})"):
+                dist.all_reduce(x, op=getattr(dist.ReduceOp, op.upper()))
         return x
 
     def agree(self, flag: bool) -> bool:
@@ -116,7 +132,8 @@ class Comm:
         import torch.distributed as dist
 
         box = [obj if self.is_main else None]
-        dist.broadcast_object_list(box, src=0)
+        with _collective(self.rank, "broadcast"):
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def all_gather_object(self, obj) -> list:
@@ -125,7 +142,8 @@ class Comm:
         import torch.distributed as dist
 
         out = [None] * self.world
-        dist.all_gather_object(out, obj)
+        with _collective(self.rank, "all_gather"):
+            dist.all_gather_object(out, obj)
         return out
 
     def broadcast_module(self, module: torch.nn.Module) -> None:
@@ -134,7 +152,7 @@ class Comm:
             return
         import torch.distributed as dist
 
-        with torch.no_grad():
+        with torch.no_grad(), _collective(self.rank, "broadcasting the model"):
             for t in [*module.parameters(), *module.buffers()]:
                 dist.broadcast(t.data, src=0)
 
@@ -195,7 +213,12 @@ def init(env=os.environ) -> Comm:
         if cuda:
             torch.cuda.set_device(local)
         timeout = datetime.timedelta(seconds=float(env.get("FWSEL_DIST_TIMEOUT", "1800")))
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timeout)
+        # a group torchrun restarted (--max-restarts) may meet the previous attempt's addresses in
+        # the agent's store and fail to connect: give each attempt its own key prefix
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"fwsel/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo", store=store, rank=rank,
+                                world_size=world, timeout=timeout)
     _COMM = Comm(rank, world, local)
     return _COMM
 
@@ -210,6 +233,20 @@ def shutdown(ok: bool) -> None:
         dist.barrier()
         dist.destroy_process_group()
     _COMM = None
+
+
+class PeerError(FwselError):
+    """A collective failed: most often another rank stopped (its own error is printed by that rank)."""
+
+
+@contextmanager
+def _collective(rank: int, what: str):
+    try:
+        yield
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PeerError(f"rank {rank}: {what} failed, most likely because another rank stopped (its error is "
+                        f"printed above): {first}") from None
 
 
 # ---- the command line under torchrun (used by fwsel.cli before Hydra starts)

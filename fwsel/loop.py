@@ -117,6 +117,7 @@ class Trainer:
         if self.engine is None:
             self.engine = build_engine(self.model, self.optimizer, metric=self.selector.metric, comm=self.comm,
                                        projection_dim=self.cfg.selector.get("projection_dim"),
+                                       projection=self.cfg.selector.get("projection", "countsketch"),
                                        projection_seed=int_seed(self.seed, "projection"),
                                        loss_chunk_tokens=int(self.cfg.loss_chunk_tokens),
                                        micro_batch_size=self.cfg.micro_batch_size,
@@ -143,7 +144,7 @@ class Trainer:
             finite = torch.isfinite(losses).numpy()
         pool = Pool(rows, self.k, t, lr, torch_gen(self.seed, "selector", t), scores=scores, losses=losses,
                     optimizer=self.optimizer)
-        sel = self.selector.select(pool)  # select
+        sel = self.comm.broadcast_object(self.selector.select(pool))  # select (rank 0's, should rounding differ)
         if not len(sel.indices) and finite.any():
             raise FwselError(f"selector {self.selector.name} selected no rows at step {t}")
         idx, w = usable(sel.indices, sel.weights, finite)  # a non-finite candidate never trains

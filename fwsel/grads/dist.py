@@ -30,20 +30,21 @@ from .engine import GradEngine, Scores
 
 
 def build_engine(model, optimizer, metric="sgd", *, comm: Comm | None = None, projection_dim=None,
-                 projection_seed: int = 0, **kw) -> GradEngine:
+                 projection: str = "countsketch", projection_seed: int = 0, **kw) -> GradEngine:
     """The plain engine in one process with exact gradients, else a ShardedEngine."""
     comm = comm or Comm()
     if not comm.active and projection_dim is None:
         return GradEngine(model, optimizer, metric, **kw)
     return ShardedEngine(model, optimizer, metric, comm=comm, projection_dim=projection_dim,
-                         projection_seed=projection_seed, **kw)
+                         projection=projection, projection_seed=projection_seed, **kw)
 
 
 class ShardedEngine(GradEngine):
     """`score` takes the whole pool and target batch (the same on every rank) and scores this
     rank's shard; `apply_update` takes global pool positions."""
 
-    def __init__(self, model, optimizer, metric="sgd", *, comm: Comm, projection_dim=None, projection_seed=0, **kw):
+    def __init__(self, model, optimizer, metric="sgd", *, comm: Comm, projection_dim=None, projection="countsketch",
+                 projection_seed=0, **kw):
         super().__init__(model, optimizer, metric, **kw)
         if getattr(self, "grad_path", None) == "ghost":
             raise ValueError("grad_path=ghost is not available across ranks or with projection_dim "
@@ -51,8 +52,8 @@ class ShardedEngine(GradEngine):
         if hasattr(self, "grad_path"):
             self.grad_path = "materialize"  # every captured block has buffer columns to gather
         self.comm = comm
-        self.proj = None if projection_dim is None else project.Projector(
-            self.cap.blocks, int(projection_dim), int(projection_seed), self.cap.device, self.cap.dtype)
+        self.proj = None if projection_dim is None else project.build(
+            projection, self.cap.blocks, projection_dim, int(projection_seed), self.cap.device, self.cap.dtype)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._sizes = self._local = self._global_finite = None
         self._k, self._dirs, self._dir_feats, self._poor = None, (), None, None

@@ -1,20 +1,23 @@
-"""`selector.projection_dim`: per-sample gradients compressed by a factored random projection.
+"""`selector.projection_dim`: per-sample gradients compressed to p random features (approximate).
 
-APPROXIMATE (null, the default, keeps gradients exact). Each captured weight block `G_i`
-(`d_out x d_in`) becomes `R_out G_i R_in^T` (`p_out x p_in`), with Gaussian `R`s of variance
-`1/p` drawn from `(seed, "projection", block)`: the same on every rank and every step. Since
-`E[R^T R] = I` for each factor, `<proj G_i, proj G_j>` is an unbiased estimate of
-`<G_i, G_j>`, with a relative error that shrinks like `1/sqrt(p)`. The dims are split evenly
-over the captured blocks, and within a block between its two sides in proportion to their
-sizes (a side whose share reaches its size stays exact). A dense projection of all `P`
-coordinates would be a `P x p` matrix: hundreds of GB at the 1B shape; the factored one holds
-`d_out p_out + d_in p_in` numbers per block.
+null (the default) keeps gradients exact. Two sketches, both unbiased (`E <f_i, f_j> = <g_i, g_j>`),
+with the same seed on every rank and every step (`selector.projection`):
+* `countsketch` (default): each coordinate goes, with a random sign, into one of `p` buckets
+  (`f = S g`, one scatter-add per row). Its error shrinks like `1/sqrt(p)`, as a dense Gaussian
+  projection's does, while it stores `P` indices and signs instead of a `P x p` matrix (hundreds
+  of GB at the 1B shape). It needs the materialised rows, which fwsel keeps anyway (LoRA).
+* `factored`: each captured weight block `G_i` (`d_out x d_in`) becomes `R_out G_i R_in^T`
+  (`p_out x p_in`, Gaussian `R`s of variance `1/p`; dims split evenly over the blocks and within a
+  block in proportion to its sides). It could act on the captured factors without ever forming
+  `G_i` (full fine-tuning at scale), but an inner product's error shrinks only like `p^(-1/4)`
+  (each side alone has `sqrt(p)` dims): measured on the tiny model, its relative error of `K` at
+  4096 dims is 0.14-0.21 against 0.04 for the count sketch.
 
-The metric `M` is applied before projecting (features of `M^(1/2) g`, so `K ~ <g_i, M g_j>`);
-with `adam_q=pool`, `D` comes from the pool's mean and variance summed over ranks (one
-all-reduce of `2P + 1` numbers). Every product the selector sees (`K`, `b`, `y2`, the extra
-directions and the aux metrics) comes from the same sketch, so the selection problem stays
-consistent (`K` positive semi-definite). The update itself uses the exact rows.
+The metric `M` is applied before sketching (features of `M^(1/2) g`, so `K ~ <g_i, M g_j>`); with
+`adam_q=pool`, `D` comes from the pool's mean and variance summed over ranks (one all-reduce of
+`2P + 1` numbers). Every product the selector sees (`K`, `b`, `y2`, the extra directions and the
+aux metrics) comes from the same sketch, so the selection problem stays consistent (`K` positive
+semi-definite). The update itself uses the exact rows.
 """
 
 from __future__ import annotations
@@ -37,12 +40,42 @@ def split_dims(p: int, d_out: int, d_in: int) -> tuple[int, int]:
     return p_out, min(d_in, max(1, p // p_out))
 
 
+KINDS = ("countsketch", "factored")
+
+
+def build(kind: str, blocks, dim: int, seed: int, device, dtype):
+    if kind not in KINDS:
+        raise ValueError(f"selector.projection must be one of {'|'.join(KINDS)}, got {kind!r}")
+    if int(dim) < 1:
+        raise ValueError(f"projection_dim must be null or an integer >= 1, got {dim!r}")
+    return (CountSketch if kind == "countsketch" else Projector)(blocks, int(dim), seed, device, dtype)
+
+
+class CountSketch:
+    """The fixed count sketch of one engine's buffer columns (`P` bucket indices and signs)."""
+
+    def __init__(self, blocks, dim: int, seed: int, device, dtype) -> None:
+        g = torch.Generator().manual_seed(int_seed(seed, "countsketch"))
+        P = blocks[-1].end
+        self.blocks, self.dim = blocks, int(dim)
+        self.idx = torch.randint(0, self.dim, (P,), generator=g).to(device)
+        self.sign = (torch.randint(0, 2, (P,), generator=g) * 2 - 1).to(device, dtype)
+
+    def __call__(self, G: torch.Tensor, scales=None) -> torch.Tensor:
+        """Rows `[r, P]` -> `[r, dim]`; `scales[j]` multiplies block j first."""
+        if scales is not None and any(x is not None for x in scales):
+            ones = [G.new_ones(b.end - b.start) for b in self.blocks]
+            G = G * torch.cat([o if x is None else x.reshape(-1) for o, x in zip(ones, scales)])
+        return G.new_zeros(G.shape[0], self.dim).index_add_(1, self.idx, G * self.sign)
+
+    def vector(self, u_blocks: list[torch.Tensor]) -> torch.Tensor:
+        return self(torch.cat([u.reshape(-1) for u in u_blocks])[None])[0]
+
+
 class Projector:
     """The fixed factored projection of one engine's captured blocks (buffer columns -> features)."""
 
     def __init__(self, blocks, dim: int, seed: int, device, dtype) -> None:
-        if int(dim) < 1:
-            raise ValueError(f"projection_dim must be null or an integer >= 1, got {dim!r}")
         per = max(1, int(dim) // len(blocks))
         self.parts, off = [], 0
         for j, blk in enumerate(blocks):
