@@ -14,8 +14,8 @@ with the same seed on every rank and every step (`selector.projection`):
   4096 dims is 0.14-0.21 against 0.04 for the count sketch.
 
 The metric `M` is applied before sketching (features of `M^(1/2) g`, so `K ~ <g_i, M g_j>`); with
-`adam_q=pool`, `D` comes from the pool's mean and variance summed over ranks (one all-reduce of
-`2P + 1` numbers). Every product the selector sees (`K`, `b`, `y2`, the extra directions and the
+`adam_q=pool`, `D` comes from the pool's summed gradients and squares (one all-reduce of `2P + 1`
+numbers in the buffer dtype: pool q needs per-coordinate statistics; `state` and `taylor` need none). Every product the selector sees (`K`, `b`, `y2`, the extra directions and the
 aux metrics) comes from the same sketch, so the selection problem stays consistent (`K` positive
 semi-definite). The update itself uses the exact rows.
 """
@@ -139,16 +139,15 @@ def features(engine, local: torch.Tensor, losses: torch.Tensor, n_loc: int, n_po
     groups, blocks = group_of(opt), engine.cap.blocks
     D, poor, coords = [None] * len(blocks), 0, 0
     if any(m != "sgd" for m in metrics):
-        f64 = torch.float64
         Gp = local[:n_loc]
         if engine.adam_q == "pool":
-            stats = torch.cat([Gp.sum(0).to(f64), (Gp * Gp).sum(0).to(f64), fin[:n_loc].sum().to(f64)[None]])
+            stats = torch.cat([Gp.sum(0), (Gp * Gp).sum(0), fin[:n_loc].sum().to(Gp)[None]])  # 2P + 1, buffer dtype
             comm.all_reduce_(stats)
             P, nf = local.shape[1], int(stats[-1])
             k_eff = min(k or nf, nf) if nf > 0 else 1
         for j, blk in enumerate(blocks):
             if engine.adam_q == "pool":
-                s1, s2 = stats[blk.start : blk.end].to(local.dtype), stats[P + blk.start : P + blk.end].to(local.dtype)
+                s1, s2 = stats[blk.start : blk.end], stats[P + blk.start : P + blk.end]
                 D[j], pj = pool_diag(blk.param, opt, groups, s1, s2, nf, k_eff)
             else:  # state | taylor: D from the optimizer state alone
                 D[j], pj = adam_diag(blk.param, opt, groups, local.new_zeros(1, blk.end - blk.start), 0, 1,
