@@ -8,7 +8,9 @@ It is written as `step-XXXXXXXX.tmp/` and renamed, so a reader never sees half o
 damaged later (truncated copy, disk trouble) fails its checksum and the previous one is used.
 
 All state goes out through `capture_state` and comes back through `restore_state`; nothing
-else touches it, so the distributed path only has to pass `enabled=(rank == 0)`.
+else touches it. Under torchrun only rank 0 writes (`enabled=(rank == 0)`), every rank's RNG
+state is gathered into rank 0's checkpoint, and on resume rank 0 picks the checkpoint that
+every rank then loads.
 """
 
 from __future__ import annotations

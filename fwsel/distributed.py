@@ -288,4 +288,6 @@ def rank_args(args: list[str], env=os.environ) -> list[str]:
     extra = ["hydra.output_subdir=null"]
     if not any(_key(a) == "hydra/job_logging" for a in args):
         extra.append("hydra/job_logging=rich_console")
+    if "-m" in args or "--multirun" in args:
+        extra.append("~hydra.callbacks.compare")  # rank 0 writes the sweep's table and curves
     return [*args, *extra]

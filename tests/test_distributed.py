@@ -57,6 +57,8 @@ def test_run_dir_under_torchrun(tmp_path):
     assert rank_args(["a=1"], {"RANK": "0", "WORLD_SIZE": "2"}) == ["a=1"]
     assert rank_args(["a=1"], {"RANK": "1", "WORLD_SIZE": "2"}) == [
         "a=1", "hydra.output_subdir=null", "hydra/job_logging=rich_console"]
+    assert rank_args(["-m", "hydra/job_logging=none"], {"RANK": "1", "WORLD_SIZE": "2"}) == [
+        "-m", "hydra/job_logging=none", "hydra.output_subdir=null", "~hydra.callbacks.compare"]
 
 
 # ---------------------------------------------------------------- two ranks, forked

@@ -42,6 +42,10 @@ they train through the fallback backward only. DoRA and other LoRA variants, mer
 disabled adapters and LoRA on embeddings raise `ValueError`. Gradient checkpointing must be
 non-reentrant (recomputed forwards are not captured twice). The per-sample gradients are
 materialised as a `[N + v, P]` buffer (float32, float64 for float64 models) until the update.
+
+Several processes (torchrun) and sketched gradients: `fwsel.grads.dist.build_engine` returns a
+`ShardedEngine` (each rank scores a shard, rows are gathered, the update parts all-reduced)
+when the process group has several ranks or `projection_dim` is set (fwsel.grads.project).
 """
 
 from .engine import GradEngine, Scores
