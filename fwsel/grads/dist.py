@@ -77,7 +77,7 @@ class ShardedEngine(GradEngine):
         self._local = self.cap.buf  # exact rows of this rank: pool shard, then target shard
         feats = self._local
         if self.proj is not None:
-            feats, self._dir_feats, self._poor = project.features(self, self._local, losses, n_loc, n, self._k,
+            feats, self._dir_feats, self._poor = project.features(self, self._local, losses, n_loc, self._k,
                                                                   self._dirs)
         c = self.comm
         self.cap.buf = torch.cat([c.gather_rows(feats[:n_loc], n), c.gather_rows(feats[n_loc:], v)])

@@ -129,9 +129,9 @@ def pool_diag(p, optimizer, groups, s1, s2, nf: int, k: int):
     return 1.0 / (vbar.sqrt() + eps), int(((1 - b2) * q > b2 * v).sum())
 
 
-def features(engine, local: torch.Tensor, losses: torch.Tensor, n_loc: int, n_pool: int, k, dirs):
+def features(engine, local: torch.Tensor, losses: torch.Tensor, n_loc: int, k, dirs):
     """This rank's projected rows `[rows, dim * n_metrics]` (non-finite rows: NaN), the extra
-    directions' features per metric, and Adam's poor fraction. `local` is zeroed where not finite."""
+    directions' features (main metric), and Adam's poor fraction. `local` is zeroed where not finite."""
     proj, comm, opt = engine.proj, engine.comm, engine.optimizer
     fin = torch.isfinite(losses).to(local.device) & torch.isfinite(local.sum(1))
     local[~fin] = 0
@@ -157,18 +157,15 @@ def features(engine, local: torch.Tensor, losses: torch.Tensor, n_loc: int, n_po
             "adam2": D}
     feats = torch.cat([proj(local, root[m]) for m in metrics], 1)
     feats[~fin] = float("nan")  # the base engine drops non-finite rows by looking at the features
-    dir_feats = {}
-    for m in metrics:
-        rows = []
-        for d in dirs:
-            if d == "momentum":  # <g, M m> = <M^1/2 g, M^1/2 m>
-                us = [state_vec(opt, b.param, "exp_avg", local[0, b.start : b.end]) for b in blocks]
-                us = [u if r is None else u * r for u, r in zip(us, root[m])]
-            else:  # "decay": <g, theta> = <M^1/2 g, M^-1/2 theta>
-                us = [b.param.detach().reshape(-1).to(local) for b in blocks]
-                us = [u if r is None else u / r for u, r in zip(us, root[m])]
-            rows.append(proj.vector(us))
-        dir_feats[m] = rows
+    dir_feats, r_m = [], root[engine.metric]
+    for d in dirs:
+        if d == "momentum":  # <g, M m> = <M^1/2 g, M^1/2 m>
+            us = [state_vec(opt, b.param, "exp_avg", local[0, b.start : b.end]) for b in blocks]
+            us = [u if r is None else u * r for u, r in zip(us, r_m)]
+        else:  # "decay": <g, theta> = <M^1/2 g, M^-1/2 theta>
+            us = [b.param.detach().reshape(-1).to(local) for b in blocks]
+            us = [u if r is None else u / r for u, r in zip(us, r_m)]
+        dir_feats.append(proj.vector(us))
     return feats, dir_feats, (poor / coords if coords else None)
 
 
@@ -180,17 +177,14 @@ def products(engine, buf, n: int, finite, dir_feats, poor_frac):
     nt = int(finite[n:].sum())
     if nt == 0:
         warnings.warn("no target row has a finite loss and gradient: g_T = 0")
-    out = {}
+    out = {}  # metric -> (pool features, sketched g_T)
     for i, m in enumerate(engine.metrics()):
         F = buf[:, i * dim : (i + 1) * dim].to(f64)
-        Fp, gT = F[:n], F[n:].sum(0) / max(nt, 1)
-        U = torch.stack([gT, *[u.to(f64) for u in dir_feats[m]]])
-        out[m] = (Fp, U)
-    Fp, U = out[engine.metric]
-    K, B, G = Fp @ Fp.T, Fp @ U.T, U @ U.T
-    aux = {a: {"b": out[a][0] @ out[a][1][0], "sq_norms": (out[a][0] ** 2).sum(1), "y2": float(out[a][1][0] @ out[a][1][0])}
-           for a in engine.aux_metrics}
-    cpu = lambda x: x.cpu() if isinstance(x, torch.Tensor) else x  # noqa: E731
-    return Scores(K=K.cpu(), b=B.cpu(), y2=float(G[0, 0]), dir_gram=G.cpu(), losses=None, target_losses=None,
-                  sq_norms=K.diagonal().cpu().clone(), finite=finite[:n].clone(), poor_frac=poor_frac,
-                  aux={a: {key: cpu(v) for key, v in d.items()} for a, d in aux.items()})
+        out[m] = (F[:n], F[n:].sum(0) / max(nt, 1))
+    Fp, gT = out[engine.metric]
+    U = torch.stack([gT, *[u.to(f64) for u in dir_feats]])
+    K, B, G = (Fp @ Fp.T).cpu(), (Fp @ U.T).cpu(), (U @ U.T).cpu()
+    aux = {a: {"b": (Fa @ ga).cpu(), "sq_norms": (Fa * Fa).sum(1).cpu(), "y2": float(ga @ ga)}
+           for a, (Fa, ga) in ((a, out[a]) for a in engine.aux_metrics)}
+    return Scores(K=K, b=B, y2=float(G[0, 0]), dir_gram=G, losses=None, target_losses=None,
+                  sq_norms=K.diagonal().clone(), finite=finite[:n].clone(), poor_frac=poor_frac, aux=aux)
