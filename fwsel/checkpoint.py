@@ -8,7 +8,9 @@ It is written as `step-XXXXXXXX.tmp/` and renamed, so a reader never sees half o
 damaged later (truncated copy, disk trouble) fails its checksum and the previous one is used.
 
 All state goes out through `capture_state` and comes back through `restore_state`; nothing
-else touches it, so the distributed path only has to pass `enabled=(rank == 0)`.
+else touches it. Under torchrun only rank 0 writes (`enabled=(rank == 0)`), every rank's RNG
+state is gathered into rank 0's checkpoint, and on resume rank 0 picks the checkpoint that
+every rank then loads.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def capture_state(trainer) -> tuple[dict, dict]:
                    **({"state": stream.state_dict()} if hasattr(stream, "state_dict") else {})},
         "selector": sel_state() if callable(sel_state) else None,
         "totals": dict(trainer.totals),
+        "rng_ranks": getattr(trainer, "rank_rng", None),  # under torchrun: every rank's RNG states
     }
     return weights, state
 
@@ -99,6 +102,9 @@ def restore_state(trainer, weights: dict, state: dict, where: str = "checkpoint"
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+    ranks, comm = state.get("rng_ranks"), getattr(trainer, "comm", None)
+    if ranks and comm is not None and comm.rank < len(ranks):
+        set_rng_state(ranks[comm.rank])
     stream = trainer.data.stream
     if "state" in state["stream"] and hasattr(stream, "load_state_dict"):
         stream.load_state_dict(state["stream"]["state"])
@@ -196,27 +202,45 @@ class Checkpointer:
         for tmp in glob.glob(os.path.join(self.root, "step-*.tmp")):
             shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way
 
+    def load(self, step: int) -> tuple[dict, dict]:
+        """(weights, state) of the checkpoint of `step`; FwselError saying what is wrong with it."""
+        path = self.path(step)
+        problem = verify(path)
+        if problem is None:
+            try:
+                weights = torch.load(os.path.join(path, "weights.pt"), map_location="cpu", weights_only=True)
+                state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+                return weights, state
+            except Exception as e:  # noqa: BLE001 - intact bytes that still do not load
+                problem = f"does not load ({type(e).__name__}: {str(e).splitlines()[0]})"
+        raise FwselError(f"checkpoint {path} is damaged: {problem}")
+
     def load_latest(self) -> tuple[int, dict, dict] | None:
         """(step, weights, state) of the newest intact checkpoint; damaged newer ones are removed."""
         for step in reversed(self.steps()):
-            path = self.path(step)
-            problem = verify(path)
-            if problem is None:
-                try:
-                    weights = torch.load(os.path.join(path, "weights.pt"), map_location="cpu", weights_only=True)
-                    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
-                    return step, weights, state
-                except Exception as e:  # noqa: BLE001 - intact bytes that still do not load
-                    problem = f"does not load ({type(e).__name__}: {str(e).splitlines()[0]})"
-            log.warning("checkpoint %s is damaged: %s; using the previous one", path, problem)
+            try:
+                return (step, *self.load(step))
+            except FwselError as e:
+                log.warning("%s; using the previous one", e)
             if self.enabled:
-                shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(self.path(step), ignore_errors=True)
         return None
 
 
 def resume_into(trainer, ckpt: Checkpointer, writer) -> int:
-    """Load the newest intact checkpoint into `trainer` and cut the logs back to its step."""
-    found = ckpt.load_latest()
+    """Load the newest intact checkpoint into `trainer` and cut the logs back to its step.
+
+    Under torchrun rank 0 picks the checkpoint; the other ranks load that one from the run dir
+    (which must be on a filesystem they all see)."""
+    comm = trainer.comm
+    found = ckpt.load_latest() if comm.is_main else None
+    step = comm.broadcast_object(found[0] if found else 0)
+    if not comm.is_main and step > 0:
+        try:
+            found = (step, *ckpt.load(step))
+        except FwselError as e:
+            raise FwselError(f"rank {comm.rank}: {e} (rank 0 resumes from it: is the run dir on a filesystem "
+                             f"every node sees?)") from None
     if found is None:
         log.warning("no complete checkpoint in %s: restarting from step 0", ckpt.root)
         step = 0

@@ -23,18 +23,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
+        from fwsel import distributed
         from fwsel.errors import FwselError
 
         try:
-            rest = resume_argv(rest)
-            check_output_dir(rest)
+            rest = resume_argv(distributed.run_dir_args(rest))  # torchrun: one run dir for all ranks
+            if distributed.env_world()[0] == 0:  # rank 0 alone checks (the others would see its files)
+                check_output_dir(rest)
+            rest = distributed.rank_args(rest)
         except FwselError as e:
             print(f"fwsel train: {e}", file=sys.stderr)
             return 1
         from fwsel.train import main as train_main
 
         sys.argv = ["fwsel", *rest]
-        train_main()
+        distributed.init()  # joins torchrun's process group; nothing in one process
+        ok = False
+        try:
+            train_main()
+            ok = True
+        except SystemExit as e:
+            ok = e.code in (0, None)
+            raise
+        finally:
+            distributed.shutdown(ok)
         return 0
     if cmd == "compare":
         from fwsel.compare import main as compare_main

@@ -25,6 +25,11 @@ def validate(cfg) -> None:
            f"micro_batch_size must be null or >= 1, got {cfg.micro_batch_size!r}")
     _check(cfg.get("grad_path", "auto") in ("auto", "materialize", "ghost"),
            f"grad_path must be auto|materialize|ghost, got {cfg.get('grad_path')!r}")
+    proj = cfg.selector.get("projection_dim")
+    _check(proj is None or (isinstance(proj, int) and not isinstance(proj, bool) and proj >= 1),
+           f"selector.projection_dim must be null or an integer >= 1, got {proj!r}")
+    _check(cfg.selector.get("projection", "countsketch") in ("countsketch", "factored"),
+           f"selector.projection must be countsketch|factored, got {cfg.selector.get('projection')!r}")
     _check(cfg.optim.schedule in SCHEDULES,
            f"optim.schedule must be one of {'|'.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
     _check(cfg.optim.max_grad_norm is None or float(cfg.optim.max_grad_norm) > 0,

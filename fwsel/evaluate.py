@@ -1,5 +1,6 @@
 """Target evaluation on `eval`: mean per-sample loss, token perplexity, exact match, and
-multiple-choice accuracy.
+multiple-choice accuracy. Under torchrun each rank scores a contiguous shard of the rows and the
+per-row results are gathered, so every rank returns what one process would.
 
 * `target_eval_loss`: mean over rows of each row's mean-token loss (the training objective).
 * `target_eval_ppl`: exp(total loss / total supervised tokens), token-level perplexity.
@@ -16,11 +17,13 @@ import math
 import torch
 
 from fwsel.data.formats import mc_option
+from fwsel.distributed import Comm
 from fwsel.grads.loss import sequence_losses
 
 
 def _losses(model, collate, rows, device, chunk_tokens, batch_rows, eos=True, with_correct=False):
-    losses, n_tok, correct = [], [], []
+    losses, n_tok, correct = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.long)], \
+        [torch.zeros(0, dtype=torch.bool)]
     for i in range(0, len(rows), batch_rows):
         batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_rows], eos=eos).items()}
         out = sequence_losses(model, batch, chunk_tokens=chunk_tokens, with_correct=with_correct)
@@ -31,8 +34,11 @@ def _losses(model, collate, rows, device, chunk_tokens, batch_rows, eos=True, wi
     return torch.cat(losses), torch.cat(n_tok), (torch.cat(correct) if with_correct else None)
 
 
-def mc_accuracy(model, collate, rows: list[dict], device, chunk_tokens: int, batch_rows: int = 64) -> float:
+def mc_accuracy(model, collate, rows: list[dict], device, chunk_tokens: int, batch_rows: int = 64,
+                comm: Comm | None = None) -> float:
     """Share of MC rows whose answer has the highest option log-likelihood (no EOS scored)."""
+    comm, total = comm or Comm(), len(rows)
+    rows = rows[comm.shard(total)]
     options = [{"id": r["id"], "prompt": r["prompt"], "response": mc_option(j)}
                for r in rows for j in range(len(r["choices"]))]
     losses, n_tok, _ = _losses(model, collate, options, device, chunk_tokens, batch_rows, eos=False)
@@ -42,21 +48,24 @@ def mc_accuracy(model, collate, rows: list[dict], device, chunk_tokens: int, bat
         n = len(r["choices"])
         hits += int(int(torch.argmax(loglik[s:s + n])) == int(r["answer"]))
         s += n
-    return hits / len(rows)
+    return float(comm.all_reduce_(torch.tensor([float(hits)], dtype=torch.float64))) / total
 
 
 @torch.no_grad()
-def evaluate(model, collate, rows: list[dict], device, chunk_tokens: int, batch_rows: int = 64) -> dict:
+def evaluate(model, collate, rows: list[dict], device, chunk_tokens: int, batch_rows: int = 64,
+             comm: Comm | None = None) -> dict:
+    comm = comm or Comm()
     was_training = model.training
     model.eval()  # no dropout: evaluation draws nothing from the training RNG
     try:
-        losses, n_tok, correct = _losses(model, collate, rows, device, chunk_tokens, batch_rows, with_correct=True)
+        part = _losses(model, collate, rows[comm.shard(len(rows))], device, chunk_tokens, batch_rows, with_correct=True)
+        losses, n_tok, correct = (comm.gather_rows(x, len(rows)) for x in part)
         out = {"target_eval_loss": losses.mean().item(),
                "target_eval_acc": correct.double().mean().item(),
                "target_eval_ppl": math.exp(min(float((losses * n_tok).sum() / n_tok.sum()), 700.0))}
         mc = [r for r in rows if "choices" in r]
         if mc:
-            out["target_eval_mc_acc"] = mc_accuracy(model, collate, mc, device, chunk_tokens, batch_rows)
+            out["target_eval_mc_acc"] = mc_accuracy(model, collate, mc, device, chunk_tokens, batch_rows, comm)
     finally:
         model.train(was_training)
     return out

@@ -5,6 +5,9 @@ identical pools and target batches and evaluation touches no training RNG; what 
 needs beyond the step count (weights, optimizer, dropout RNG, totals) is in fwsel.checkpoint.
 A candidate with a non-finite loss or gradient never trains; a step whose update is not
 finite is skipped (no optimizer or scheduler step), `max_bad_steps` of them in a row abort.
+Under torchrun (fwsel.distributed) every rank runs this same loop on the same pools: forward
+and backward passes are sharded across ranks, and what they produce is gathered or summed
+so every rank takes the same decisions and rank 0 logs what one process would.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from fwsel.data import build_data
 from fwsel.data.collate import Collator
 from fwsel.errors import FwselError
 from fwsel.evaluate import evaluate
-from fwsel import fidelity, grads
+from fwsel import distributed, fidelity, grads
+from fwsel.grads.dist import build_engine
 from fwsel.grads.loss import sequence_losses
-from fwsel.modeling import build_model, resolve_device
+from fwsel.modeling import build_model
 from fwsel.rng import int_seed, np_rng, torch_gen
 from fwsel.schedule import build_optimizer
 from fwsel.selectors.base import Pool
@@ -75,13 +79,17 @@ class Trainer:
         self.checkpoints = checkpoints  # a fwsel.checkpoint.Checkpointer, or None (no checkpoints)
         self.max_bad_steps = int(cfg.get("max_bad_steps", 5))
         self.bad_reason = ""
-        self.device = resolve_device(cfg.device)
+        self.comm = distributed.comm()
+        self.device = self.comm.device(cfg.device)
         self.k, self.N, self.v = int(cfg.batch_size), pool_size(cfg.batch_size, cfg.budget), int(cfg.target.batch_size)
         self.steps, self.seed = int(cfg.steps), int(cfg.seed)
+        if self.N < self.comm.world:
+            raise FwselError(f"the pool (N={self.N}) is smaller than the number of ranks ({self.comm.world})")
         self.data = build_data(cfg)
         self.selector = instantiate(cfg.selector, _convert_="all")
         self.selector.fidelity = bool(cfg.get("diagnostics", {}).get("fidelity", False))
         self.model, self.tokenizer = build_model(cfg, self.device)
+        self.comm.broadcast_module(self.model)  # every rank starts from rank 0's weights, as DDP would
         self.collate = Collator(self.tokenizer, self._max_len())
         self.data.attach(self.collate)  # drops rows with no supervised token left after truncation
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -89,7 +97,8 @@ class Trainer:
         self.engine = None  # built on the first step that needs gradients
         self.step = 0
         self.totals = collections.Counter()
-        torch.manual_seed(int_seed(self.seed, "dropout"))  # the only consumer of the global RNG
+        rank = [self.comm.rank] if self.comm.rank else []  # each rank's rows get their own dropout masks
+        torch.manual_seed(int_seed(self.seed, "dropout", *rank))  # the only consumer of the global RNG
 
     def _max_len(self) -> int:
         limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
@@ -106,11 +115,14 @@ class Trainer:
 
     def get_engine(self) -> "grads.GradEngine":
         if self.engine is None:
-            self.engine = grads.GradEngine(self.model, self.optimizer, metric=self.selector.metric,
-                                     loss_chunk_tokens=int(self.cfg.loss_chunk_tokens),
-                                     micro_batch_size=self.cfg.micro_batch_size,
-                                     grad_path=self.cfg.get("grad_path", "auto"),
-                                     **dict(self.selector.engine_kwargs))
+            self.engine = build_engine(self.model, self.optimizer, metric=self.selector.metric, comm=self.comm,
+                                       projection_dim=self.cfg.selector.get("projection_dim"),
+                                       projection=self.cfg.selector.get("projection", "countsketch"),
+                                       projection_seed=int_seed(self.seed, "projection"),
+                                       loss_chunk_tokens=int(self.cfg.loss_chunk_tokens),
+                                       micro_batch_size=self.cfg.micro_batch_size,
+                                       grad_path=self.cfg.get("grad_path", "auto"),
+                                       **dict(self.selector.engine_kwargs))
         return self.engine
 
     # ---- one step ----
@@ -129,11 +141,11 @@ class Trainer:
             finite = scores.finite.cpu().numpy().astype(bool)
         elif need == "losses":
             with torch.no_grad():
-                losses = sequence_losses(self.model, self.batch(rows), int(self.cfg.loss_chunk_tokens)).losses
-            finite = torch.isfinite(losses).cpu().numpy()
+                losses = self.shard_losses(self.batch(rows))[1]
+            finite = torch.isfinite(losses).numpy()
         pool = Pool(rows, self.k, t, lr, torch_gen(self.seed, "selector", t), scores=scores, losses=losses,
                     optimizer=self.optimizer)
-        sel = self.selector.select(pool)  # select
+        sel = self.comm.broadcast_object(self.selector.select(pool))  # select (rank 0's, should rounding differ)
         if not len(sel.indices) and finite.any():
             raise FwselError(f"selector {self.selector.name} selected no rows at step {t}")
         idx, w = usable(sel.indices, sel.weights, finite)  # a non-finite candidate never trains
@@ -193,25 +205,50 @@ class Trainer:
         """
         if not idx:
             return idx, w, None, 0
-        chunk = int(self.cfg.loss_chunk_tokens)
         chosen = self.batch([rows[i] for i in idx])
         if need == "grads":  # from the kept per-sample gradients
             self.engine.apply_update(idx, w)
             return idx, w, float((scores.losses[idx].double().cpu().numpy() * w).mean()), n_tokens(chosen)
-        out = sequence_losses(self.model, chosen, chunk)
-        ok = torch.isfinite(out.losses.detach()).cpu().numpy()
-        if not ok.all():
-            idx, w = usable(list(range(len(idx))), w, ok, idx)
-            if not idx:
-                return idx, w, None, 0
-            chosen = self.batch([rows[i] for i in idx])
-            out = sequence_losses(self.model, chosen, chunk)
-        total = (out.losses * torch.as_tensor(w, dtype=out.losses.dtype, device=self.device)).mean()
-        total.backward()
-        return idx, w, float(total.detach()), n_tokens(chosen)
+        with self.comm.reduce_grads(self.params):  # each rank backprops its shard of the chosen rows
+            out, losses = self.shard_losses(chosen)
+            ok = torch.isfinite(losses).numpy()
+            if not ok.all():
+                idx, w = usable(list(range(len(idx))), w, ok, idx)
+                if idx:
+                    chosen = self.batch([rows[i] for i in idx])
+                    out, losses = self.shard_losses(chosen)
+            if idx and out is not None:
+                coef = torch.as_tensor(w[self.comm.shard(len(idx))] / len(idx), dtype=out.losses.dtype,
+                                       device=self.device)
+                (out.losses * coef).sum().backward()
+        if not idx:
+            return idx, w, None, 0
+        return idx, w, float((losses.numpy() * w).mean()), n_tokens(chosen)
+
+    def shard_losses(self, batch: dict):
+        """(LossOut of this rank's shard of `batch`, or None when it has no rows; every row's loss
+        as float64 on the CPU, gathered from all ranks)."""
+        n = batch["input_ids"].shape[0]
+        part = self.comm.shard(n)
+        out = None
+        if part.stop > part.start:
+            out = sequence_losses(self.model, {k: v[part] for k, v in batch.items()}, int(self.cfg.loss_chunk_tokens))
+        mine = out.losses.detach().double().cpu() if out is not None else torch.zeros(0, dtype=torch.float64)
+        return out, self.comm.gather_rows(mine, n)
 
     def eval_row(self) -> dict:
-        return evaluate(self.model, self.collate, self.data.eval, self.device, int(self.cfg.loss_chunk_tokens))
+        return evaluate(self.model, self.collate, self.data.eval, self.device, int(self.cfg.loss_chunk_tokens),
+                        comm=self.comm)
+
+    def save_checkpoint(self) -> None:
+        """Every rank joins (their RNG states go into rank 0's checkpoint); rank 0 writes."""
+        if self.checkpoints is None:
+            return
+        if self.comm.active:
+            from fwsel.checkpoint import rng_state
+
+            self.rank_rng = self.comm.all_gather_object(rng_state())
+        self.checkpoints.save(self)
 
     def run(self, stop=None) -> dict:
         """Steps from `self.step` to `steps`; `stop` (a checkpoint.StopFlag) ends it after a step."""
@@ -231,7 +268,7 @@ class Trainer:
             self.writer.update_summary(target_eval_loss_initial=first["target_eval_loss"])
         status = "ok"
         for t in range(self.step, self.steps):
-            if stop is not None and stop.requested:  # SIGINT/SIGTERM: between steps, never inside one
+            if self.comm.agree(stop is not None and stop.requested):  # SIGINT/SIGTERM: between steps, all ranks
                 status = "interrupted"
                 break
             try:
@@ -254,11 +291,10 @@ class Trainer:
                 raise NonFiniteError(f"{self.totals['bad_in_a_row']} steps in a row skipped (max_bad_steps), the last "
                                      f"at step {t + 1}: {self.bad_reason}; check the lr, the data and model.dtype")
             if self.checkpoints is not None and self.checkpoints.due(t + 1):
-                self.checkpoints.save(self)
-        if self.checkpoints is not None:  # at the end, also when exhausted or interrupted
-            self.checkpoints.save(self)
+                self.save_checkpoint()
+        self.save_checkpoint()  # at the end, also when exhausted or interrupted
         final = self.eval_row() if status == "exhausted" else {}
-        if self.cfg.get("save_model"):
+        if self.cfg.get("save_model") and self.comm.is_main:
             from fwsel.hub import save_model
 
             final["model_dir"] = save_model(self.model, self.tokenizer, os.path.join(self.writer.dir, "model"))

@@ -4,6 +4,8 @@ A single run turns a typed error into one logged line, `status: failed` and exit
 multirun the error is re-raised so Hydra marks only that job failed. SIGINT/SIGTERM end the
 run after the current step with a checkpoint, `status: interrupted` and exit 130/143; a
 re-run sweep skips finished jobs and resumes unfinished ones (fwsel.checkpoint).
+Under torchrun every rank runs this (fwsel.distributed); only rank 0 writes the run dir, and
+any failure ends the process, also in a sweep (the other ranks would wait for it forever).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import fwsel
+from fwsel import distributed
 from fwsel.errors import FwselError
 
 log = logging.getLogger("fwsel")
@@ -41,7 +44,7 @@ OmegaConf.register_new_resolver("fwsel_path_suffix", _path_suffix, replace=True)
 def _progress(cfg, steps: int, start: int = 0):
     """A rich bar on a terminal (not in sweeps); returns (callback, close)."""
     mode = str(cfg.progress).lower()
-    if mode == "false" or (mode == "auto" and (not sys.stderr.isatty() or HydraConfig.get().mode == RunMode.MULTIRUN)):
+    if mode == "false" or not distributed.comm().is_main or (mode == "auto" and (not sys.stderr.isatty() or HydraConfig.get().mode == RunMode.MULTIRUN)):
         return None, lambda: None
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -74,12 +77,14 @@ def run(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
     from fwsel.outputs import RunWriter
     from fwsel.tracking import build_tracker
 
-    writer = RunWriter(run_dir)
+    comm = distributed.comm()
+    writer = RunWriter(run_dir, enabled=comm.is_main)  # under torchrun only rank 0 writes
     if resume:
         writer.load_summary()
     try:
-        OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)),
-                       os.path.join(run_dir, "fwsel_config.yaml"))  # what a re-run sweep compares against
+        if comm.is_main:  # what a re-run sweep compares against
+            OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)),
+                           os.path.join(run_dir, "fwsel_config.yaml"))
     except OSError as e:
         raise FwselError(f"cannot write {run_dir}/fwsel_config.yaml: {e.strerror or e}") from None
     start = time.time()
@@ -89,16 +94,16 @@ def run(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
         if isinstance(cfg.budget, (int, float)) and cfg.budget > 0 else None,
         target_batch_size=cfg.target.batch_size, seed=cfg.seed, steps=cfg.steps, eval_every=cfg.eval_every,
         steps_done=writer.summary.get("steps_done", 0) if resume else 0, fwsel_version=fwsel.__version__,
-        torch_version=torch.__version__, run_dir=run_dir)
+        torch_version=torch.__version__, run_dir=run_dir, world_size=comm.world)
     tracker, trainer, close_bar = None, None, lambda: None
     try:
         validate(cfg)
-        tracker = build_tracker(cfg, OmegaConf.to_container(cfg, resolve=True), run_dir,
+        tracker = build_tracker(cfg, OmegaConf.to_container(cfg, resolve=True), run_dir, rank=comm.rank,
                                 run_id=writer.summary.get("wandb_run_id"))
         if getattr(tracker, "run_id", None):
             writer.update_summary(wandb_run_id=tracker.run_id)
         with graceful_stop() as stop:  # a signal from here on ends the run at the next step boundary
-            ckpt = Checkpointer(run_dir, cfg.checkpoint_every, cfg.checkpoint_keep)
+            ckpt = Checkpointer(run_dir, cfg.checkpoint_every, cfg.checkpoint_keep, enabled=comm.is_main)
             trainer = Trainer(cfg, writer, tracker, None, ckpt)
             if resume:
                 step = resume_into(trainer, ckpt, writer)
@@ -183,7 +188,9 @@ def main(cfg: DictConfig) -> None:
 
             raise ConfigError(f"resume={cfg.resume}: resume through `fwsel train resume=<run dir>` "
                               f"(it writes into that dir; this job's dir is {run_dir})")
-        state = job_state(cfg, run_dir) if cfg.resume or hc.mode == RunMode.MULTIRUN else "new"
+        comm = distributed.comm()  # rank 0 reads the run dir, every rank acts on what it found
+        state = job_state(cfg, run_dir) if comm.is_main and (cfg.resume or hc.mode == RunMode.MULTIRUN) else "new"
+        state = comm.broadcast_object(state)
         if state == "done":
             log.info("%s already finished with this config: nothing to %s", run_dir,
                      "resume" if cfg.resume else "re-run (skipped)")
@@ -191,7 +198,7 @@ def main(cfg: DictConfig) -> None:
         summary = run(cfg, run_dir, resume=state == "resume")
     except FwselError as e:
         log.error("%s", e)
-        if hc.mode == RunMode.MULTIRUN:
+        if hc.mode == RunMode.MULTIRUN and not distributed.comm().active:
             raise
         sys.exit(1)
     except KeyboardInterrupt:
@@ -199,6 +206,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(130)
     if summary["status"] == "interrupted":
         sys.exit(128 + signal.Signals[summary["signal"]].value)  # 130 SIGINT, 143 SIGTERM; stops a sweep too
+    if not distributed.comm().is_main:
+        return
     log.info("run dir: %s  (status %s, target_eval_loss %.4f)", run_dir, summary["status"],
              summary.get("target_eval_loss") or float("nan"))
     print(run_dir)

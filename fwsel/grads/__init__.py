@@ -51,6 +51,11 @@ and output gradients; `K` from `(X_i X_j^T) ⊙ (E_i E_j^T)` in token chunks, `b
 `M ⊙ g_T`, the update as one `E_S^T diag(w) X_S`). `auto` (default) takes the token Gram where it
 is cheaper and exact (sgd metrics); `ghost` forces it, and in adam geometry its `K` then uses a
 rank-1 `D` with `adam_q=state` on those layers (approximate, logged, `Scores.ghost`).
+
+Several processes (torchrun) and sketched gradients: `fwsel.grads.dist.build_engine` returns a
+`ShardedEngine` (each rank scores a shard, rows are gathered, the update parts all-reduced)
+when the process group has several ranks or `projection_dim` is set (fwsel.grads.project);
+it materialises every layer (token-Gram factors are not gathered across ranks).
 """
 
 from .engine import GradEngine, Scores

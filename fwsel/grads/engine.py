@@ -147,6 +147,7 @@ class GradEngine:
                 if total.requires_grad:
                     torch.autograd.backward(total, inputs=[cap.dummy])
                 losses[s : s + cap.mb_rows] = out.losses.detach().double().cpu()
+        n, losses = self._exchange(n, losses)  # seam: fwsel.grads.dist gathers every rank's rows here
         buf = cap.buf
         finite = torch.isfinite(losses) & torch.isfinite(buf.sum(1)).cpu()  # a NaN/inf entry spoils the sum
         facs = {i: cap.factors(cap.sites[i]) for i in sorted(ghost)}
@@ -181,6 +182,11 @@ class GradEngine:
         if run:
             yield run
         yield from ([b] for b in self.cap.blocks if b.ghost is not None)
+
+    def _exchange(self, n: int, losses: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Between capture and products: (pool rows, losses) of what the products see. Here the
+        rows just captured; a sharded engine (fwsel.grads.dist) swaps in every rank's rows."""
+        return n, losses
 
     def _products(self, n, finite, dirs, k) -> Scores:
         buf, f64 = self.cap.buf, torch.float64

@@ -3,7 +3,7 @@
 Filter by OMP with NNLS refits on the scale-free update-matching problem (from `K`, `b`, `y2`
 alone), weight by the last refit, normalise to mean 1 with the order-preserving cap, fall back
 when the support is empty. Every METHOD section 7 choice is a constructor key (see
-`conf/selector/ftw.yaml`); gradient compression is deferred (exact gradients only).
+`conf/selector/ftw.yaml`); `projection_dim` (the engine's, not the selector's) compresses gradients.
 """
 
 from __future__ import annotations

@@ -1,0 +1,113 @@
+"""GradEngine over one rank's shard of each pool, with global selection (torchrun; fwsel.distributed).
+
+Each rank scores a contiguous shard of the pool and of the target batch (together exactly
+the rows one process scores; shards differ by at most one row). Between capture and products
+(`GradEngine._exchange`) the rows are gathered: the exact per-sample buffer rows, or with
+`projection_dim` their projected features (fwsel.grads.project, approximate). Every rank then
+holds the same `[N + v, .]` matrix and computes the same `K`, `b`, `y2` and pool statistics,
+so every rank's selector picks the same `(S, w)`: selectors never see the world size.
+
+The update: each rank forms the part of `(1/|S|) sum_S w_i g_i` that its own rows carry
+(through the base engine, so captured, fallback and any other parameter kinds are handled as
+in one process), then one all-reduce sums the parts (`Comm.reduce_grads`). Why not form the
+captured part from the gathered buffer on every rank, with no collective: that buffer is only
+exact in exact mode (projected features cannot be un-projected), parameters outside the
+buffer need the all-reduce anyway, and the all-reduce moves `P` numbers against the
+`(N + v) P` the gather already moved. A rank with no selected rows still joins it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from fwsel.distributed import Comm
+
+from . import project
+from .engine import GradEngine, Scores
+
+
+def build_engine(model, optimizer, metric="sgd", *, comm: Comm | None = None, projection_dim=None,
+                 projection: str = "countsketch", projection_seed: int = 0, **kw) -> GradEngine:
+    """The plain engine in one process with exact gradients, else a ShardedEngine."""
+    comm = comm or Comm()
+    if not comm.active and projection_dim is None:
+        return GradEngine(model, optimizer, metric, **kw)
+    return ShardedEngine(model, optimizer, metric, comm=comm, projection_dim=projection_dim,
+                         projection=projection, projection_seed=projection_seed, **kw)
+
+
+class ShardedEngine(GradEngine):
+    """`score` takes the whole pool and target batch (the same on every rank) and scores this
+    rank's shard; `apply_update` takes global pool positions."""
+
+    def __init__(self, model, optimizer, metric="sgd", *, comm: Comm, projection_dim=None, projection="countsketch",
+                 projection_seed=0, **kw):
+        super().__init__(model, optimizer, metric, **kw)
+        if getattr(self, "grad_path", None) == "ghost":
+            raise ValueError("grad_path=ghost is not available across ranks or with projection_dim "
+                             "(token-Gram factors are not gathered): use auto or materialize")
+        if hasattr(self, "grad_path"):
+            self.grad_path = "materialize"  # every captured block has buffer columns to gather
+        self.comm = comm
+        self.proj = None if projection_dim is None else project.build(
+            projection, self.cap.blocks, projection_dim, int(projection_seed), self.cap.device, self.cap.dtype)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._sizes = self._local = self._global_finite = None
+        self._k, self._dirs, self._dir_feats, self._poor = None, (), None, None
+
+    def metrics(self) -> tuple:
+        return (self.metric, *[a for a in self.aux_metrics if a != self.metric])
+
+    def score(self, pool_batch: dict, target_batch: dict, extra_dirs=(), k=None) -> Scores:
+        n, v = pool_batch["input_ids"].shape[0], target_batch["input_ids"].shape[0]
+        ps, ts = self.comm.shard(n), self.comm.shard(v)
+        self._sizes, self._k, self._dirs = (n, v, ps), k, tuple(extra_dirs)
+        local = {key: val[ps] for key, val in pool_batch.items()}
+        scores = super().score(local, {key: val[ts] for key, val in target_batch.items()}, extra_dirs, k)
+        self._global_finite = scores.finite.clone()
+        # the update's weighted backward (parameters outside the buffer) runs over this rank's rows
+        self._pool = {"attention_mask": torch.ones_like(local["input_ids"]), **local}
+        return scores
+
+    def _exchange(self, n_loc: int, losses: torch.Tensor) -> tuple[int, torch.Tensor]:
+        n, v, _ = self._sizes
+        self._local = self.cap.buf  # exact rows of this rank: pool shard, then target shard
+        feats = self._local
+        if self.proj is not None:
+            feats, self._dir_feats, self._poor = project.features(self, self._local, losses, n_loc, self._k,
+                                                                  self._dirs)
+        c = self.comm
+        self.cap.buf = torch.cat([c.gather_rows(feats[:n_loc], n), c.gather_rows(feats[n_loc:], v)])
+        return n, torch.cat([c.gather_rows(losses[:n_loc], n), c.gather_rows(losses[n_loc:], v)])
+
+    def _products(self, n, finite, dirs, k) -> Scores:
+        if self.proj is None:
+            return super()._products(n, finite, dirs, k)
+        return project.products(self, self.cap.buf, n, finite, self._dir_feats, self._poor)
+
+    def _free(self) -> None:
+        super()._free()
+        self._local = self._dir_feats = None
+
+    def apply_update(self, indices, weights) -> None:
+        """This rank's part of the update of global positions `indices`, summed over ranks."""
+        if self._local is None:
+            raise RuntimeError("apply_update needs a score() first (and only one update per score)")
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if idx.size != w.size:
+            raise ValueError("indices and weights differ in length")
+        ok = self._global_finite.numpy()[idx]
+        if not ok.all():
+            warnings.warn(f"dropping non-finite candidates {idx[~ok].tolist()} from the update")
+            idx, w = idx[ok], w[ok]
+        ps = self._sizes[2]
+        mine = (idx >= ps.start) & (idx < ps.stop)
+        # the base engine divides by its own row count: rescale so the parts sum to (1/|S|) sum w_i g_i
+        local_w = w[mine] * (mine.sum() / idx.size) if idx.size else w[mine]
+        self.cap.buf, self._finite, self._local = self._local, self._global_finite[ps], None
+        with self.comm.reduce_grads(self.params):
+            super().apply_update(idx[mine] - ps.start, local_w)
