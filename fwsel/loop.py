@@ -146,8 +146,7 @@ class Trainer:
         pool = Pool(rows, self.k, t, lr, torch_gen(self.seed, "selector", t), scores=scores, losses=losses,
                     optimizer=self.optimizer)
         sel = self.comm.broadcast_object(self.selector.select(pool))  # select (rank 0's, should rounding differ)
-        if not len(sel.indices) and finite.any():
-            raise FwselError(f"selector {self.selector.name} selected no rows at step {t}")
+        declined = not len(sel.indices) and bool(finite.any())  # e.g. ftw empty_support=skip: no row helps
         idx, w = usable(sel.indices, sel.weights, finite)  # a non-finite candidate never trains
         t_sel = time.perf_counter() - t0
         picked = len(idx)
@@ -166,6 +165,10 @@ class Trainer:
             if fid:  # ... and measured target-loss change (one extra no-grad forward)
                 fid["fid_meas"] = fidelity.measured_change(self.model, target, scores.target_losses,
                                                            int(self.cfg.loss_chunk_tokens))
+        elif declined:  # a choice, not a failure: skipped like a bad step, but never aborts the run
+            log.info("step %d: %s chose no row (empty support): no update", t + 1, self.selector.name)
+            self.totals["skipped_steps"] += 1
+            idx, w, train_loss, tokens = [], np.zeros(0), None, 0
         else:  # no optimizer or scheduler update; the next step sees the next pool
             self.bad_reason = (f"the update gradient norm is {norm}" if idx else
                                f"no selected candidate has a finite loss and gradient ({nonfinite} non-finite)")

@@ -76,3 +76,27 @@ def test_gradient_selectors_prefer_the_target_source(tmp_path, sel):
     p_irrelevant = binomtest(picked["irrelevant"], n, 0.5 * 0.3, alternative="less").pvalue
     assert p_target < 0.01, f"{sel}: {picked['target']}/{n} target rows (p = {p_target:.3g})"
     assert p_irrelevant < 0.01, f"{sel}: {picked['irrelevant']}/{n} irrelevant rows (p = {p_irrelevant:.3g})"
+
+
+def test_a_selector_may_choose_no_row(tmp_path, monkeypatch):
+    """ftw's `empty_support=skip` (no candidate with b_i > 0): that step makes no update and the
+    run goes on; it is counted in skipped_steps but never aborts like a non-finite step."""
+    import numpy as np
+
+    from fwsel.selectors import ftw
+    from fwsel.selectors.base import Selection
+
+    orig = ftw.FTW.select
+
+    def empty_on_odd_steps(self, pool):
+        sel = orig(self, pool)
+        return Selection([], np.zeros(0), sel.diagnostics) if pool.step % 2 else sel
+
+    monkeypatch.setattr(ftw.FTW, "select", empty_on_odd_steps)
+    run = train(tmp_path, "selector=ftw", "selector.empty_support=skip", "steps=8", "eval_every=8",
+                "target.eval_size=16", "max_bad_steps=2")
+    s = run["summary"]
+    assert s["status"] == "ok" and s["steps_done"] == 8 and s["skipped_steps"] == 4
+    rows = run["metrics"][1:]
+    assert [r["examples_trained"] for r in rows] == [8, 8, 16, 16, 24, 24, 32, 32]
+    assert [len(r["ids"]) for r in run["selected"]] == [8, 0, 8, 0, 8, 0, 8, 0]
