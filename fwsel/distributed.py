@@ -235,20 +235,6 @@ def shutdown(ok: bool) -> None:
     _COMM = None
 
 
-class PeerError(FwselError):
-    """A collective failed: most often another rank stopped (its own error is printed by that rank)."""
-
-
-@contextmanager
-def _collective(rank: int, what: str):
-    try:
-        yield
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PeerError(f"rank {rank}: {what} failed, most likely because another rank stopped (its error is "
-                        f"printed above): {first}") from None
-
-
 # ---- the command line under torchrun (used by fwsel.cli before Hydra starts)
 def _key(arg: str) -> str:
     return arg.split("=", 1)[0].lstrip("+~")
