@@ -47,5 +47,10 @@ def validate(cfg) -> None:
            f"target.from_stream must be null or an integer >= 2, got {cfg.target.get('from_stream')!r}")
     _check(cfg.device == "auto" or str(cfg.device).split(":")[0] in ("cpu", "cuda", "mps"),
            f"device must be auto|cpu|cuda|cuda:N, got {cfg.device!r}")
+    if str(cfg.device).startswith("cuda"):
+        import torch
+
+        _check(torch.cuda.is_available(), f"device={cfg.device} but this torch build sees no CUDA device "
+                                          f"(torch {torch.__version__}); use device=auto or device=cpu")
     _check(str(cfg.progress).lower() in ("auto", "true", "false"),
            f"progress must be auto|true|false, got {cfg.progress!r}")

@@ -45,6 +45,9 @@ class NonFiniteError(FwselError):
     """Too many steps in a row without a finite update (max_bad_steps)."""
 
 
+LARGE_POOL = 1024  # pools above this many rows get a warning: every row is scored every step
+
+
 def pool_size(batch_size: int, budget: float) -> int:
     return max(int(batch_size), int(round(batch_size / budget)))
 
@@ -256,11 +259,18 @@ class Trainer:
     def run(self, stop=None) -> dict:
         """Steps from `self.step` to `steps`; `stop` (a checkpoint.StopFlag) ends it after a step."""
         cfg = self.cfg
-        log.info("pool N=%d, k=%d, target batch v=%d, effective budget k/N=%.4f, stream rows to consume=%d",
-                 self.N, self.k, self.v, self.k / self.N, self.steps * self.N)
+        log.info("pool N=%d, k=%d, target batch v=%d, effective budget k/N=%.4f, stream rows to consume=%d; "
+                 "target rows: %d select, %d eval", self.N, self.k, self.v, self.k / self.N, self.steps * self.N,
+                 len(self.data.select), len(self.data.eval))
+        self.writer.update_summary(target_select_rows=len(self.data.select), target_eval_rows=len(self.data.eval))
+        if self.N > LARGE_POOL and self.selector.needs(self.step) != "none":
+            log.warning("budget %g makes a pool of N=%d rows, each scored every step: a step costs about N/k = %.0fx "
+                        "a plain one (raise budget or lower batch_size for quicker steps)",
+                        self.k / self.N, self.N, self.N / self.k)
         size = getattr(self.data.stream, "known_size", None)
         if size is not None and size < self.steps * self.N:
-            log.warning("the stream holds %d rows, fewer than steps x N = %d: training stops when it runs out",
+            log.warning("the stream holds %d rows, fewer than steps x N = %d: training stops when it runs out "
+                        "(status exhausted; a finite source is read once, there are no epochs)",
                         size, self.steps * self.N)
         if self.step == 0:
             first = {"step": 0, "examples_seen": 0, "examples_trained": 0, "tokens_trained": 0, "lr": None,

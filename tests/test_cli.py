@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from fwsel.cli import main
 
@@ -53,6 +54,8 @@ def test_sweep_makes_one_dir_per_job(tmp_path, capsys, monkeypatch):
 BAD = [
     (["budget=0"], "budget must be in (0, 1]"),
     (["budget=1.5"], "budget must be in (0, 1]"),
+    pytest.param(["device=cuda"], "device=cuda but this torch build sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is there")),
     (["batch_size=0"], "batch_size must be an integer >= 1"),
     (["steps=0"], "steps must be an integer >= 1"),
     (["optim.schedule=bogus"], "optim.schedule must be one of linear|cosine|constant"),
@@ -62,7 +65,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("overrides,line", BAD, ids=[b[0][-1] for b in BAD])
+@pytest.mark.parametrize("overrides,line", BAD, ids=[(b.values if hasattr(b, "values") else b)[0][-1] for b in BAD])
 def test_bad_input_one_line_exit_1(overrides, line, tmp_path, capsys):
     code, text = run_cli(["train", *overrides, f"hydra.run.dir={tmp_path}"], capsys)
     assert code == 1

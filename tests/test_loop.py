@@ -28,6 +28,7 @@ def test_default_run_learns_and_first_losses_are_pinned(default_run):
     first = default_run["metrics"][0]
     assert first["step"] == 0 and first["train_loss"] is None and first["target_eval_loss"] is not None
     assert s["pool_size"] == 32 and s["effective_budget"] == 0.25
+    assert (s["target_select_rows"], s["target_eval_rows"]) == (64, 256)
 
 
 def test_metrics_rows_follow_the_contract(default_run):
