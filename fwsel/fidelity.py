@@ -65,7 +65,7 @@ def measured_change(model, batch: dict, before, chunk_tokens: int) -> float | No
 
 
 def clip_coef(total_norm, max_norm) -> float:
-    """The factor `clip_grad_norm_` applied to the update (1 when it did not bind)."""
+    """clip_grad_norm_'s factor for a known total norm (1 when it does not bind); the loop clips with it."""
     if max_norm is None or total_norm is None:
         return 1.0
     return float(min(1.0, float(max_norm) / (float(total_norm) + 1e-6)))

@@ -158,10 +158,11 @@ class Trainer:
         norm = grad_norm(self.params)
         fid = {}
         if idx and math.isfinite(norm):
-            if self.cfg.optim.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, float(self.cfg.optim.max_grad_norm))
+            clip = fidelity.clip_coef(norm, self.cfg.optim.max_grad_norm)  # clip_grad_norm_'s factor, norm known
+            if clip < 1.0:
+                torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], clip)
             if self.selector.fidelity and scores is not None:  # diagnostics.fidelity: predicted ...
-                fid = self.selector.predict_change(pool, idx, w, fidelity.clip_coef(norm, self.cfg.optim.max_grad_norm))
+                fid = self.selector.predict_change(pool, idx, w, clip)
             self.optimizer.step()
             self.scheduler.step()
             self.totals["bad_in_a_row"] = 0

@@ -46,11 +46,10 @@ class ShardedEngine(GradEngine):
     def __init__(self, model, optimizer, metric="sgd", *, comm: Comm, projection_dim=None, projection="countsketch",
                  projection_seed=0, **kw):
         super().__init__(model, optimizer, metric, **kw)
-        if getattr(self, "grad_path", None) == "ghost":
+        if self.grad_path == "ghost":
             raise ValueError("grad_path=ghost is not available across ranks or with projection_dim "
                              "(token-Gram factors are not gathered): use auto or materialize")
-        if hasattr(self, "grad_path"):
-            self.grad_path = "materialize"  # every captured block has buffer columns to gather
+        self.grad_path = "materialize"  # every captured block has buffer columns to gather
         self.comm = comm
         self.proj = None if projection_dim is None else project.build(
             projection, self.cap.blocks, projection_dim, int(projection_seed), self.cap.device, self.cap.dtype)
