@@ -16,6 +16,7 @@ from .loss import concat_batches, sequence_losses, take_rows, unwrap
 from .metric import ADAM_Q, METRICS, adam_diag, group_of, pool_q, state_vec
 
 DIRS = ("momentum", "decay")
+PRODUCTS = ("b", "k", "y2", "sq_norms")
 log = logging.getLogger(__name__)
 
 
@@ -23,21 +24,33 @@ log = logging.getLogger(__name__)
 class Scores:
     """Products over the captured parameters, on the CPU, in float64."""
 
-    K: torch.Tensor  # [N, N] <g_i, M g_j>
+    K: torch.Tensor | None  # [N, N] <g_i, M g_j> (None when the engine was asked for no K)
     b: torch.Tensor  # [N, 1 + n_dir] <g_i, M u> for u = g_T, then each extra direction
     y2: float  # <g_T, M g_T>
     dir_gram: torch.Tensor  # [1 + n_dir, 1 + n_dir] <u_a, M u_b> among (g_T, extra dirs...)
     losses: torch.Tensor  # [N] pool losses
     target_losses: torch.Tensor  # [v] target losses
-    sq_norms: torch.Tensor  # [N] diag(K)
+    sq_norms: torch.Tensor | None  # [N] diag(K) (None when asked for neither K nor the norms)
     finite: torch.Tensor  # [N] bool; False rows of K, b are 0 and never enter the update
     poor_frac: float | None = None  # adam: fraction of coordinates with (1-b2) q > b2 v
     aux: dict = field(default_factory=dict)  # metric -> {"b": [N], "sq_norms": [N], "y2": float}
     ghost: dict = field(default_factory=dict)  # token-Gram layers: {"layers", "adam_q", "rank1_err_max"}
 
 
+def wanted(products) -> frozenset:
+    """`products` as a set of `PRODUCTS` names: None (all), names, or an enum flag whose members
+    carry those names (any case)."""
+    if products is None:
+        return frozenset(PRODUCTS)
+    items = [products] if isinstance(products, str) else list(products)  # a flag iterates its members
+    names = frozenset(str(getattr(p, "name", p)).lower() for p in items)
+    if names - set(PRODUCTS):
+        raise ValueError(f"products must be among {PRODUCTS}, got {sorted(names - set(PRODUCTS))}")
+    return names
+
+
 class MatOps:
-    """Products for one materialised block from its per-sample gradients `Gp` ([N, numel])."""
+    """Products for one run of materialised blocks from its per-sample gradients `Gp` ([N, cols])."""
 
     def __init__(self, Gp):
         self.Gp = Gp
@@ -47,11 +60,63 @@ class MatOps:
         return GM @ self.Gp.T
 
     def sq_norms(self, M=None, key=None):
-        G2 = self.Gp * self.Gp
-        return G2.sum(1) if M is None else G2 @ M
+        if M is None:  # a fused norm per row, no [N, cols] temporary
+            return torch.linalg.vector_norm(self.Gp, dim=1).square()
+        return self.Gp.square() @ M
 
     def dots(self, W):
         return self.Gp @ W.T
+
+
+class _Sums:
+    """The products of `Scores`, summed over block runs in float64 on the buffer's device."""
+
+    def __init__(self, n: int, nd: int, aux_metrics, device, with_K: bool, with_sq: bool):
+        def zeros(*shape):
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+        self.device, self.aux_metrics = device, aux_metrics
+        self.K = zeros(n, n) if with_K else None
+        self.sq = zeros(n) if with_sq and not with_K else None  # diag(K) when K is formed
+        self.B, self.dir_gram = zeros(n, nd), zeros(nd, nd)
+        self.aux = {a: {"b": zeros(n), "sq_norms": zeros(n), "y2": zeros(())} for a in aux_metrics}
+        self.poor, self.coords = [], 0
+
+    def add(self, ops, U, diag: dict, metric: str) -> None:
+        """One block run: `ops` its pool products, `U` the directions (g_T first), `diag` each metric."""
+        M = diag[metric]
+        UM = U if M is None else U * M
+        if self.K is not None:
+            self.K += ops.gram(M, metric).to(torch.float64)
+        elif self.sq is not None:
+            self.sq += ops.sq_norms(M, metric).to(torch.float64)
+        self.B += ops.dots(UM).to(torch.float64)
+        self.dir_gram += (UM @ U.T).to(torch.float64)
+        gT = U[0]
+        for a, out in self.aux.items():
+            ga = gT if diag[a] is None else gT * diag[a]
+            out["b"] += ops.dots(ga[None])[:, 0].to(torch.float64)
+            out["sq_norms"] += ops.sq_norms(diag[a], a).to(torch.float64)
+            out["y2"] += (gT * ga).sum().to(torch.float64)
+
+    def add_gram_all(self, Kall, n: int, nt: int) -> None:
+        """An sgd-only token-Gram layer: `K`, `b` and `y2` from its Gram over pool and target rows."""
+        b0, y0 = Kall[:n, n:].sum(1) / max(nt, 1), Kall[n:, n:].sum() / max(nt, 1) ** 2
+        self.K += Kall[:n, :n]
+        self.B[:, 0] += b0
+        self.dir_gram[0, 0] += y0
+        for out in self.aux.values():
+            out["b"] += b0
+            out["sq_norms"] += Kall.diagonal()[:n]
+            out["y2"] += y0
+
+    def scores(self, finite, ghost: dict) -> Scores:
+        K, B, G = (None if self.K is None else self.K.cpu()), self.B.cpu(), self.dir_gram.cpu()
+        sq = K.diagonal().clone() if K is not None else None if self.sq is None else self.sq.cpu()
+        aux = {a: {"b": d["b"].cpu(), "sq_norms": d["sq_norms"].cpu(), "y2": float(d["y2"])} for a, d in self.aux.items()}
+        poor = float(torch.stack(self.poor).sum()) / self.coords if self.coords else None
+        return Scores(K=K, b=B, y2=float(G[0, 0]), dir_gram=G, losses=None, target_losses=None, sq_norms=sq,
+                      finite=finite, poor_frac=poor, aux=aux, ghost=ghost)
 
 
 class GradEngine:
@@ -64,11 +129,14 @@ class GradEngine:
     says it is cheaper AND it is exact, i.e. every metric asked for is sgd), `materialize`, or
     `ghost` (token Gram on every Linear not sharing its weight; in adam geometry that Gram uses a
     rank-1 D and, as pool q needs per-sample gradients, adam_q=state on those layers: approximate);
-    `ghost_chunk_tokens`: token block size of the token-Gram (bounds its memory).
+    `ghost_chunk_tokens`: token block size of the token-Gram (bounds its memory);
+    `products`: what the selector reads, names among `PRODUCTS` or a flag with members of those
+    names (None: all). Without `k` no Gram is formed (`Scores.K` is None) and the squared norms
+    come alone when asked for; `b`, `y2` and `dir_gram` always come (one cheap product each).
     """
 
     def __init__(self, model, optimizer, metric="sgd", *, adam_q="pool", loss_chunk_tokens=4096,
-                 micro_batch_size=None, aux_metrics=(), grad_path="auto", ghost_chunk_tokens=1024):
+                 micro_batch_size=None, aux_metrics=(), grad_path="auto", ghost_chunk_tokens=1024, products=None):
         for m in (metric, *aux_metrics):
             if m not in METRICS:
                 raise ValueError(f"metric must be one of {METRICS}, got {m!r}")
@@ -85,6 +153,8 @@ class GradEngine:
         self.adam_q, self.loss_chunk_tokens = adam_q, loss_chunk_tokens
         self.micro_batch_size, self.aux_metrics = micro_batch_size, tuple(aux_metrics)
         self.grad_path, self.ghost_chunk_tokens = grad_path, int(ghost_chunk_tokens)
+        self.products = wanted(products)
+        self._adam = any(m != "sgd" for m in (metric, *aux_metrics))
         self.ghost_q = "state" if adam_q == "pool" else adam_q  # adam_q on token-Gram layers
         self.cap = Capture(model)
         if not self.cap.sites:
@@ -189,73 +259,54 @@ class GradEngine:
         return n, losses
 
     def _products(self, n, finite, dirs, k) -> Scores:
-        buf, f64 = self.cap.buf, torch.float64
-        n_bad = int((~finite[:n]).sum())
-        nf, nt = n - n_bad, int(finite[n:].sum())
+        """Products summed block run by block run: the pool's per-sample gradients (or a token-Gram
+        layer's factors), the mean target gradient `g_T`, each metric's diagonal, then the sums."""
+        n_bad, nt = int((~finite[:n]).sum()), int(finite[n:].sum())
         if nt == 0:
             warnings.warn("no target row has a finite loss and gradient: g_T = 0")
+        nf = n - n_bad
         k_eff = min(k or nf, nf) if nf > 0 else 1
-        groups = group_of(self.optimizer)
-        metrics = (self.metric, *[a for a in self.aux_metrics if a != self.metric])
-        adam = any(m != "sgd" for m in metrics)
-        nd, dev = 1 + len(dirs), buf.device
-        K, B, dir_gram = (torch.zeros(*shape, dtype=f64, device=dev) for shape in ((n, n), (n, nd), (nd, nd)))
-        aux = {a: {key: torch.zeros(shape, dtype=f64, device=dev) for key, shape in
-                   (("b", (n,)), ("sq_norms", (n,)), ("y2", ()))} for a in self.aux_metrics}
-        t_coef = torch.zeros(buf.shape[0], dtype=buf.dtype, device=dev)
+        t_coef = torch.zeros(finite.shape[0], dtype=self.cap.dtype, device=self.cap.device)
         t_coef[n:] = 1.0 / max(nt, 1)  # non-finite target rows are already zero
-        poor, coords = [], 0
+        acc = _Sums(n, 1 + len(dirs), self.aux_metrics, self.cap.device, "k" in self.products,
+                    "sq_norms" in self.products)
+        groups = group_of(self.optimizer)
         for blocks in self._groups(n):
             ghost = blocks[0].ghost
+            if ghost is not None and acc.K is not None and not (self._adam or dirs):
+                acc.add_gram_all(self._ghost[id(ghost)].gram_all(), n, nt)  # sgd: b, y2 from the same Gram
+                continue
             if ghost is None:
                 cols = slice(blocks[0].start, blocks[-1].end)
-                ops, gT = MatOps(buf[:n, cols]), t_coef[n:] @ buf[n:, cols]
+                ops, gT = MatOps(self.cap.buf[:n, cols]), t_coef[n:] @ self.cap.buf[n:, cols]
             else:
                 ops = self._ghost[id(ghost)]
-                if not (adam or dirs):  # sgd only: b and y2 from token Grams with the target rows, no g_T
-                    Kall = ops.gram_all()
-                    K += Kall[:n, :n]
-                    b0, y0 = Kall[:n, n:].sum(1) / max(nt, 1), Kall[n:, n:].sum() / max(nt, 1) ** 2
-                    B[:, 0] += b0
-                    dir_gram[0, 0] += y0
-                    for a in self.aux_metrics:
-                        aux[a]["b"] += b0
-                        aux[a]["sq_norms"] += Kall.diagonal()[:n]
-                        aux[a]["y2"] += y0
-                    continue
                 gT = ops.weighted_sum(t_coef)
-            diag = {"sgd": None}
-            if adam:
-                q_name = self.adam_q if ghost is None else self.ghost_q
-                q = pool_q(ops.Gp, n_bad, k_eff) if q_name == "pool" else None
-                parts, off = [], 0
-                for b in blocks:
-                    sl = None if q is None else q[off : off + b.param.numel()]
-                    D, pr = adam_diag(b.param, self.optimizer, groups, gT, q_name, sl)
-                    parts.append(D)
-                    poor.append(pr.to(dev))
-                    off += b.param.numel()
-                diag["adam"] = parts[0] if len(parts) == 1 else torch.cat(parts)
-                if "adam2" in metrics:
-                    diag["adam2"] = diag["adam"] ** 2
-                coords += off
+            diag = self._diagonals(blocks, ops, gT, n_bad, k_eff, groups, acc)
             M = diag[self.metric]
-            K += ops.gram(M, self.metric).to(f64)
-            U = torch.stack([gT, *[self._direction(d, blocks, gT, M) for d in dirs]]) if dirs else gT[None]
-            UM = U if M is None else U * M
-            B += ops.dots(UM).to(f64)
-            dir_gram += (UM @ U.T).to(f64)
-            for a in self.aux_metrics:
-                ga = gT if diag[a] is None else gT * diag[a]
-                aux[a]["b"] += ops.dots(ga[None])[:, 0].to(f64)
-                aux[a]["sq_norms"] += ops.sq_norms(diag[a], a).to(f64)
-                aux[a]["y2"] += (gT * ga).sum().to(f64)
-        aux = {a: {"b": d["b"].cpu(), "sq_norms": d["sq_norms"].cpu(), "y2": float(d["y2"])} for a, d in aux.items()}
-        K, B, dir_gram = K.cpu(), B.cpu(), dir_gram.cpu()
-        return Scores(K=K, b=B, y2=float(dir_gram[0, 0]), dir_gram=dir_gram, losses=None, target_losses=None,
-                      sq_norms=K.diagonal().clone(), finite=finite[:n].clone(),
-                      poor_frac=float(torch.stack(poor).sum()) / coords if coords else None, aux=aux,
-                      ghost=self._ghost_info(adam))
+            U = torch.stack([gT, *[self._direction(d, blocks, gT, M) for d in dirs]])
+            acc.add(ops, U, diag, self.metric)
+        return acc.scores(finite[:n].clone(), self._ghost_info(self._adam))
+
+    def _diagonals(self, blocks, ops, gT, n_bad, k_eff, groups, acc) -> dict:
+        """{metric: its diagonal over the blocks' coordinates, None for the identity}."""
+        diag = {"sgd": None}
+        if not self._adam:
+            return diag
+        q_name = self.adam_q if blocks[0].ghost is None else self.ghost_q
+        q = pool_q(ops.Gp, n_bad, k_eff) if q_name == "pool" else None
+        parts, off = [], 0
+        for b in blocks:
+            size = b.param.numel()
+            D, poor = adam_diag(b.param, self.optimizer, groups, gT, q_name, None if q is None else q[off : off + size])
+            parts.append(D)
+            acc.poor.append(poor.to(acc.device))
+            off += size
+        acc.coords += off
+        diag["adam"] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if "adam2" in (self.metric, *self.aux_metrics):
+            diag["adam2"] = diag["adam"] ** 2
+        return diag
 
     def _ghost_info(self, adam: bool) -> dict:
         if not self._ghost:

@@ -33,13 +33,20 @@ def pool_q(Gp, n_bad: int, k: int) -> torch.Tensor:
     """`u*u + (1/k - 1/N) s2` per column of the pool's per-sample gradients `Gp` ([N, cols]).
 
     Its `n_bad` non-finite rows are already zero and are left out of the mean and variance.
+    From the column sums of `g` and `g*g` (two matrix-vector products, one temporary): a
+    zero row adds nothing to either.
     """
-    nf = Gp.shape[0] - n_bad
-    u = Gp.sum(0) / max(nf, 1)
-    if nf <= 1:
-        return u * u
-    s2 = (((Gp - u) ** 2).sum(0) - n_bad * u * u).clamp_min(0) / (nf - 1)
-    return u * u + (1.0 / k - 1.0 / nf) * s2
+    ones = Gp.new_ones(Gp.shape[0])
+    return q_from_sums(ones @ Gp, ones @ Gp.square(), Gp.shape[0] - n_bad, k)
+
+
+def q_from_sums(s1, s2, nf: int, k: int) -> torch.Tensor:
+    """`pool_q` from the pool's summed gradients `s1` and squares `s2` over its `nf` finite rows."""
+    u = s1 / max(nf, 1)
+    q = u * u
+    if nf > 1:
+        q = q + (1.0 / k - 1.0 / nf) * ((s2 - nf * u * u).clamp_min(0) / (nf - 1))
+    return q
 
 
 def adam_diag(p, optimizer, groups, like: torch.Tensor, adam_q: str, q=None):

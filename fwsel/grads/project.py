@@ -30,6 +30,7 @@ import torch
 from fwsel.rng import int_seed
 
 from .metric import adam_diag, group_of, state_vec
+from .metric import q_from_sums as summed_pool_q  # pool q from sums over every rank
 
 
 def split_dims(p: int, d_out: int, d_in: int) -> tuple[int, int]:
@@ -111,15 +112,6 @@ class Projector:
     def vector(self, u_blocks: list[torch.Tensor]) -> torch.Tensor:
         """One direction given block by block (flattened, in buffer order) -> `[dim]`."""
         return self(torch.cat([u.reshape(-1) for u in u_blocks])[None])[0]
-
-
-def summed_pool_q(s1, s2, nf: int, k: int) -> torch.Tensor:
-    """`pool_q` from the pool's summed gradients `s1` and squares `s2` over every rank."""
-    u = s1 / max(nf, 1)
-    q = u * u
-    if nf > 1:
-        q = q + (1.0 / k - 1.0 / nf) * ((s2 - nf * u * u).clamp_min(0) / (nf - 1))
-    return q
 
 
 def features(engine, local: torch.Tensor, losses: torch.Tensor, n_loc: int, k, dirs):
