@@ -117,17 +117,21 @@ def requires_grad(params, flag: bool):
 
 
 class _Tap(torch.autograd.Function):
-    """Identity on a Linear output; hands the output gradient to `sink` in backward."""
+    """Identity on a module output; hands the module input `x` and the output gradient to `sink`
+    in backward. `x` is a saved tensor, so gradient checkpointing drops it after the forward and
+    recomputes it for the backward, as it does the layer's own activations."""
 
     @staticmethod
-    def forward(ctx, out, dummy, sink):
+    def forward(ctx, out, dummy, x, sink):
         ctx.sink = sink
+        ctx.save_for_backward(x)
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.sink(grad)
-        return grad, None, None
+        if ctx.sink is not None:
+            ctx.sink(ctx.saved_tensors[0], grad)
+        return grad, None, None, None
 
 
 class Capture:
@@ -199,32 +203,41 @@ class Capture:
         order = torch.argsort(rows, stable=True)
         return X[order], E[order], rows[order]
 
-    def _capturing(self) -> bool:
-        # off outside scoring and in non-reentrant checkpoint recomputation (inside backward: a
-        # tap there would never receive a gradient, and a head chunk would fail the row check)
-        if not self.active or torch._C._current_graph_task_id() != -1:
-            return False
+    def _state(self) -> str | None:
+        """None outside scoring, "recompute" in a non-reentrant checkpoint's recomputation (inside
+        backward: the tap is applied again with no sink, so the recomputed saved tensors line up
+        with the forward's), else "capture"."""
+        if not self.active:
+            return None
+        if torch._C._current_graph_task_id() != -1:
+            return "recompute"
         if not torch.is_grad_enabled():  # scoring always runs under grad
             raise RuntimeError("a captured module ran without grad while scoring: reentrant gradient "
                                "checkpointing is unsupported (use use_reentrant=False)")
-        return True
+        return "capture"
 
     def _local_hook(self, site: LocalSite, module, args, output):
-        if not self._capturing():
+        state = self._state()
+        if state is None:
             return None
         x = args[0].detach() if args else None
+        if state == "recompute":
+            return _Tap.apply(output, self.dummy, x, None)
         if x is None or x.dim() < 2 or x.shape[0] != self.mb_rows or not isinstance(output, torch.Tensor):
             raise RuntimeError(f"{type(module).__name__}: expected one [batch, ...] input and output")
-        return _Tap.apply(output, self.dummy, partial(self._local_sink, site, x, self.offset))
+        return _Tap.apply(output, self.dummy, x, partial(self._local_sink, site, self.offset))
 
     @staticmethod
-    def _local_sink(site, x, row0, grad):
+    def _local_sink(site, row0, x, grad):
         site.saved.append((x, grad.detach(), row0))
 
     def _hook(self, site, module, args, output):
-        if not self._capturing():
+        state = self._state()
+        if state is None:
             return None
         x = args[0].detach()
+        if state == "recompute":
+            return _Tap.apply(output, self.dummy, x, None)
         if x.dim() >= 3:
             if x.shape[0] != self.mb_rows:
                 raise RuntimeError(f"captured Linear saw batch {x.shape[0]}, expected {self.mb_rows}")
@@ -233,9 +246,9 @@ class Capture:
             if self.chunk_rows is None or self.chunk_rows.numel() != x.shape[0]:
                 raise RuntimeError("a captured Linear was called on 2-D input outside the loss head")
             rows = self.chunk_rows + self.offset
-        return _Tap.apply(output, self.dummy, partial(self._sink, site, x, rows, self.tok_mask))
+        return _Tap.apply(output, self.dummy, x, partial(self._sink, site, rows, self.tok_mask))
 
-    def _sink(self, site, x, rows, mask, grad):
+    def _sink(self, site, rows, mask, x, grad):
         x, e = x.to(self.dtype), grad.to(self.dtype)
         w, b = site.weight, site.bias
         if isinstance(rows, int):  # batched [B, ..., d]: every row's tokens at once
@@ -246,9 +259,9 @@ class Capture:
                     torch.ones(X.shape[:2], dtype=torch.bool, device=X.device)  # no mask: every token
                 r = torch.arange(rows, rows + n, device=X.device)[:, None].expand(keep.shape)
                 site.factors.append((X[keep], E[keep], r[keep]))
-            else:
-                dst = self.buf[rows : rows + n]
-                dst[:, w.start : w.end] += torch.bmm(E.transpose(1, 2), X).reshape(n, -1)
+            else:  # G_i = E_i^T X_i added in place into the row's columns (no temporary)
+                dst = self.buf[rows : rows + n, w.start : w.end].view(n, E.shape[-1], X.shape[-1])
+                dst.baddbmm_(E.transpose(1, 2), X)
             if b is not None:
                 self.buf[rows : rows + n, b.start : b.end] += E.sum(1)
             return
