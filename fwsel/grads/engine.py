@@ -20,6 +20,19 @@ PRODUCTS = ("b", "k", "y2", "sq_norms")
 log = logging.getLogger(__name__)
 
 
+def finite_picks(indices, weights, finite: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, weights) as int64 / float64 arrays, without the rows `finite` rules out."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if idx.size != w.size:
+        raise ValueError("indices and weights differ in length")
+    ok = finite.numpy()[idx]
+    if not ok.all():
+        warnings.warn(f"dropping non-finite candidates {idx[~ok].tolist()} from the update")
+        idx, w = idx[ok], w[ok]
+    return idx, w
+
+
 @dataclass
 class Scores:
     """Products over the captured parameters, on the CPU, in float64."""
@@ -130,9 +143,10 @@ class GradEngine:
     `ghost` (token Gram on every Linear not sharing its weight; in adam geometry that Gram uses a
     rank-1 D and, as pool q needs per-sample gradients, adam_q=state on those layers: approximate);
     `ghost_chunk_tokens`: token block size of the token-Gram (bounds its memory);
-    `products`: what the selector reads, names among `PRODUCTS` or a flag with members of those
-    names (None: all). Without `k` no Gram is formed (`Scores.K` is None) and the squared norms
+    `products`: what the selector reads (a fwsel.grads.needs.Product, or names among `PRODUCTS`;
+    None: all). Without `k` no Gram is formed (`Scores.K` is None) and the squared norms
     come alone when asked for; `b`, `y2` and `dir_gram` always come (one cheap product each).
+    Built from the `engine:` config group by `fwsel.grads.dist.build_engine`.
     """
 
     def __init__(self, model, optimizer, metric="sgd", *, adam_q="pool", loss_chunk_tokens=4096,
@@ -160,6 +174,7 @@ class GradEngine:
         if not self.cap.sites:
             raise ValueError("no trainable nn.Linear to capture (LoRA adapters or full fine-tuning)")
         self._pool: dict | None = None  # the scored pool rows, kept for the fallback backward
+        self._rows: torch.Tensor | None = None  # [N + v, .] rows the products read (cap.buf, or gathered)
         self._finite: torch.Tensor | None = None
         self._ghost: dict = {}  # id(site) -> GhostOps of the last scoring pass
         self._warned = False
@@ -217,8 +232,8 @@ class GradEngine:
                 if total.requires_grad:
                     torch.autograd.backward(total, inputs=[cap.dummy])
                 losses[s : s + cap.mb_rows] = out.losses.detach().double().cpu()
-        n, losses = self._exchange(n, losses)  # seam: fwsel.grads.dist gathers every rank's rows here
-        buf = cap.buf
+        n, losses, buf = self._exchange(n, losses, cap.buf)  # seam: fwsel.grads.dist gathers every rank's rows
+        self._rows = buf
         finite = torch.isfinite(losses) & torch.isfinite(buf.sum(1)).cpu()  # a NaN/inf entry spoils the sum
         facs = {i: cap.factors(cap.sites[i]) for i in sorted(ghost)}
         for i in ghost:  # the engine holds the factors from here on
@@ -253,10 +268,11 @@ class GradEngine:
             yield run
         yield from ([b] for b in self.cap.blocks if b.ghost is not None)
 
-    def _exchange(self, n: int, losses: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """Between capture and products: (pool rows, losses) of what the products see. Here the
-        rows just captured; a sharded engine (fwsel.grads.dist) swaps in every rank's rows."""
-        return n, losses
+    def _exchange(self, n: int, losses: torch.Tensor, rows: torch.Tensor):
+        """Between capture and products: (pool rows, losses, row matrix) the products see. Here
+        the rows just captured; a sharded engine (fwsel.grads.dist) returns every rank's rows
+        (the captured `rows` stay this rank's: the update reads them)."""
+        return n, losses, rows
 
     def _products(self, n, finite, dirs, k) -> Scores:
         """Products summed block run by block run: the pool's per-sample gradients (or a token-Gram
@@ -266,7 +282,7 @@ class GradEngine:
             warnings.warn("no target row has a finite loss and gradient: g_T = 0")
         nf = n - n_bad
         k_eff = min(k or nf, nf) if nf > 0 else 1
-        t_coef = torch.zeros(finite.shape[0], dtype=self.cap.dtype, device=self.cap.device)
+        t_coef = torch.zeros(finite.shape[0], dtype=self._rows.dtype, device=self._rows.device)
         t_coef[n:] = 1.0 / max(nt, 1)  # non-finite target rows are already zero
         acc = _Sums(n, 1 + len(dirs), self.aux_metrics, self.cap.device, "k" in self.products,
                     "sq_norms" in self.products)
@@ -278,7 +294,7 @@ class GradEngine:
                 continue
             if ghost is None:
                 cols = slice(blocks[0].start, blocks[-1].end)
-                ops, gT = MatOps(self.cap.buf[:n, cols]), t_coef[n:] @ self.cap.buf[n:, cols]
+                ops, gT = MatOps(self._rows[:n, cols]), t_coef[n:] @ self._rows[n:, cols]
             else:
                 ops = self._ghost[id(ghost)]
                 gT = ops.weighted_sum(t_coef)
@@ -332,17 +348,14 @@ class GradEngine:
     # ------------------------------------------------------------------ update
     def apply_update(self, indices, weights) -> None:
         """Add (1/|S|) sum_S w_i g_i into .grad; fallback parameters get a weighted backward."""
-        buf = self.cap.buf
-        if buf is None:
+        if self.cap.buf is None:
             raise RuntimeError("apply_update needs a score() first (and only one update per score)")
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1))
-        w = torch.as_tensor(np.asarray(weights, dtype=np.float64).reshape(-1))
-        if idx.numel() != w.numel():
-            raise ValueError("indices and weights differ in length")
-        ok = self._finite[idx]
-        if not bool(ok.all()):
-            warnings.warn(f"dropping non-finite candidates {idx[~ok].tolist()} from the update")
-            idx, w = idx[ok], w[ok]
+        idx, w = finite_picks(indices, weights, self._finite)
+        self._update(torch.as_tensor(idx), torch.as_tensor(w))
+
+    def _update(self, idx: torch.Tensor, w: torch.Tensor) -> None:
+        """`apply_update` on finite rows `idx` of the captured buffer (`w` not yet divided by |S|)."""
+        buf = self.cap.buf
         try:
             if idx.numel():
                 coef = w / idx.numel()
@@ -375,7 +388,7 @@ class GradEngine:
                     torch.autograd.backward(total, inputs=params)
 
     def _free(self) -> None:
-        self.cap.buf, self._pool, self._ghost = None, None, {}
+        self.cap.buf, self._rows, self._pool, self._ghost = None, None, None, {}
         for s in self.cap.local:
             s.saved = []
 
