@@ -54,10 +54,13 @@ def _int_or_null(v, minimum: int = 1) -> bool:
 
 def validate_engine(eng) -> None:
     """The `engine:` group (fwsel.grads.dist.build_engine reads exactly these keys)."""
+    from fwsel.grads.engine import GHOST_B
     from fwsel.grads.ghost import PATHS
     from fwsel.grads.project import KINDS
 
     _check(eng.grad_path in PATHS, f"engine.grad_path must be one of {'|'.join(PATHS)}, got {eng.grad_path!r}")
+    _check(eng.get("ghost_b", "exact") in GHOST_B,
+           f"engine.ghost_b must be one of {'|'.join(GHOST_B)}, got {eng.get('ghost_b')!r}")
     _check(_int_or_null(eng.projection_dim),
            f"engine.projection_dim must be null or an integer >= 1, got {eng.projection_dim!r}")
     _check(eng.projection in KINDS, f"engine.projection must be one of {'|'.join(KINDS)}, got {eng.projection!r}")

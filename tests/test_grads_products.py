@@ -38,3 +38,30 @@ def test_b_alone_leaves_the_norms_out_and_bad_names_are_refused():
     assert sc.K is None and sc.sq_norms is None and sc.b.shape == (4, 1) and torch.isfinite(sc.b).all()
     with pytest.raises(ValueError, match="products"):
         GradEngine(model, opt, "sgd", products=("b", "gram"))
+
+
+def rank1_state(model, opt, g):
+    """Adam state whose second moment has rank 1 per weight (with eps = 0, D then has rank 1)."""
+    for p in [p for p in model.parameters() if p.requires_grad]:
+        shape = p.shape if p.dim() == 2 else (p.shape[0], 1)
+        v = torch.outer(torch.rand(shape[0], generator=g, dtype=torch.float64) + 0.1,
+                        torch.rand(shape[1], generator=g, dtype=torch.float64))
+        opt.state[p] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros(p.shape, dtype=torch.float64),
+                        "exp_avg_sq": v.reshape(p.shape) * 1e-6}
+
+
+def test_rank1_b_shares_the_gram_and_is_exact_when_D_has_rank_1():
+    model, opt = wide()
+    pool, target = batches()
+    kw = dict(adam_q="state", grad_path="ghost")
+    exact = GradEngine(model, opt, "adam", **kw).score(pool, target, k=3)
+    approx = GradEngine(model, opt, "adam", ghost_b="rank1", **kw).score(pool, target, k=3)
+    assert relerr(approx.K, exact.K) <= 1e-10  # the same rank-1 Gram
+    assert 1e-8 < relerr(approx.b, exact.b) < 0.5 and abs(approx.y2 / exact.y2 - 1) < 0.5
+    model, opt = wide(steps=0, eps=0.0)
+    rank1_state(model, opt, torch.Generator().manual_seed(0))
+    exact = GradEngine(model, opt, "adam", **kw).score(pool, target, k=3)
+    approx = GradEngine(model, opt, "adam", ghost_b="rank1", **kw).score(pool, target, k=3)
+    assert relerr(approx.b, exact.b) <= 1e-10 and abs(approx.y2 / exact.y2 - 1) <= 1e-10
+    with pytest.raises(ValueError, match="ghost_b"):
+        GradEngine(model, opt, "adam", ghost_b="rank2")

@@ -35,7 +35,7 @@ def build_engine(cfg, needs: EngineNeeds, model, optimizer, *, comm: Comm | None
     comm = comm or Comm()
     kw = dict(adam_q=needs.adam_q, aux_metrics=needs.aux_metrics, products=needs.products,
               loss_chunk_tokens=int(cfg["loss_chunk_tokens"]), micro_batch_size=cfg["micro_batch_size"],
-              grad_path=cfg["grad_path"])
+              grad_path=cfg["grad_path"], ghost_b=cfg.get("ghost_b", "exact"))
     dim = cfg["projection_dim"]
     if not comm.active and dim is None:
         return GradEngine(model, optimizer, needs.metric, **kw)
@@ -71,6 +71,7 @@ class ShardedEngine(GradEngine):
         local = {key: val[ps] for key, val in pool_batch.items()}
         scores = super().score(local, {key: val[ts] for key, val in target_batch.items()}, extra_dirs, k)
         self._global_finite = scores.finite.clone()
+        scores.n_tokens = (pool_batch["labels"][:, 1:] != -100).sum(1).cpu()  # every rank's rows
         # the update's weighted backward (parameters outside the buffer) runs over this rank's rows
         self._pool = {"attention_mask": torch.ones_like(local["input_ids"]), **local}
         return scores

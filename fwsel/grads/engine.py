@@ -17,6 +17,7 @@ from .metric import ADAM_Q, METRICS, adam_diag, group_of, pool_q, state_vec
 
 DIRS = ("momentum", "decay")
 PRODUCTS = ("b", "k", "y2", "sq_norms")
+GHOST_B = ("exact", "rank1")
 log = logging.getLogger(__name__)
 
 
@@ -47,6 +48,7 @@ class Scores:
     finite: torch.Tensor  # [N] bool; False rows of K, b are 0 and never enter the update
     poor_frac: float | None = None  # adam: fraction of coordinates with (1-b2) q > b2 v
     aux: dict = field(default_factory=dict)  # metric -> {"b": [N], "sq_norms": [N], "y2": float}
+    n_tokens: torch.Tensor | None = None  # [N] supervised tokens per pool row (int64)
     ghost: dict = field(default_factory=dict)  # token-Gram layers: {"layers", "adam_q", "rank1_err_max"}
 
 
@@ -146,11 +148,15 @@ class GradEngine:
     `products`: what the selector reads (a fwsel.grads.needs.Product, or names among `PRODUCTS`;
     None: all). Without `k` no Gram is formed (`Scores.K` is None) and the squared norms
     come alone when asked for; `b`, `y2` and `dir_gram` always come (one cheap product each).
+    `ghost_b`: on token-Gram layers in adam geometry, `exact` (b and y2 through `M ⊙ g_T`: one
+    pass over each pool token as costly as a weight gradient) or `rank1` (b and y2 from the same
+    token Gram as K, with its rank-1 D: cheaper, approximate like K there).
     Built from the `engine:` config group by `fwsel.grads.dist.build_engine`.
     """
 
     def __init__(self, model, optimizer, metric="sgd", *, adam_q="pool", loss_chunk_tokens=4096,
-                 micro_batch_size=None, aux_metrics=(), grad_path="auto", ghost_chunk_tokens=1024, products=None):
+                 micro_batch_size=None, aux_metrics=(), grad_path="auto", ghost_chunk_tokens=1024, products=None,
+                 ghost_b="exact"):
         for m in (metric, *aux_metrics):
             if m not in METRICS:
                 raise ValueError(f"metric must be one of {METRICS}, got {m!r}")
@@ -158,6 +164,8 @@ class GradEngine:
             raise ValueError(f"adam_q must be one of {ADAM_Q}, got {adam_q!r}")
         if grad_path not in PATHS:
             raise ValueError(f"grad_path must be one of {PATHS}, got {grad_path!r}")
+        if ghost_b not in GHOST_B:
+            raise ValueError(f"ghost_b must be one of {GHOST_B}, got {ghost_b!r}")
         if optimizer is None and any(m != "sgd" for m in (metric, *aux_metrics)):
             raise ValueError("the adam metrics need the optimizer")
         if micro_batch_size is not None and micro_batch_size < 1:
@@ -167,7 +175,7 @@ class GradEngine:
         self.adam_q, self.loss_chunk_tokens = adam_q, loss_chunk_tokens
         self.micro_batch_size, self.aux_metrics = micro_batch_size, tuple(aux_metrics)
         self.grad_path, self.ghost_chunk_tokens = grad_path, int(ghost_chunk_tokens)
-        self.products = wanted(products)
+        self.products, self.ghost_b = wanted(products), ghost_b
         self._adam = any(m != "sgd" for m in (metric, *aux_metrics))
         self.ghost_q = "state" if adam_q == "pool" else adam_q  # adam_q on token-Gram layers
         self.cap = Capture(model)
@@ -252,6 +260,7 @@ class GradEngine:
         self._finite, self._pool = finite[:n], {key: val[:n] for key, val in batch.items()}
         scores = self._products(n, finite, tuple(extra_dirs), k)
         scores.losses, scores.target_losses = losses[:n], losses[n:]
+        scores.n_tokens = (pool_batch["labels"][:, 1:] != -100).sum(1).cpu()
         return scores
 
     def _groups(self, n: int):
@@ -289,20 +298,30 @@ class GradEngine:
         groups = group_of(self.optimizer)
         for blocks in self._groups(n):
             ghost = blocks[0].ghost
-            if ghost is not None and acc.K is not None and not (self._adam or dirs):
-                acc.add_gram_all(self._ghost[id(ghost)].gram_all(), n, nt)  # sgd: b, y2 from the same Gram
-                continue
             if ghost is None:
                 cols = slice(blocks[0].start, blocks[-1].end)
-                ops, gT = MatOps(self._rows[:n, cols]), t_coef[n:] @ self._rows[n:, cols]
+                ops = MatOps(self._rows[:n, cols])
             else:
                 ops = self._ghost[id(ghost)]
-                gT = ops.weighted_sum(t_coef)
+                if self._gram_gives_b(acc, dirs):  # K, b, y2 from one token Gram over pool and target rows
+                    diag = self._diagonals(blocks, ops, ops.X.new_empty(0), n_bad, k_eff, groups, acc)
+                    acc.add_gram_all(ops.gram_all(diag[self.metric], self.metric), n, nt)
+                    continue
+            gT = t_coef[n:] @ self._rows[n:, cols] if ghost is None else ops.weighted_sum(t_coef)
             diag = self._diagonals(blocks, ops, gT, n_bad, k_eff, groups, acc)
             M = diag[self.metric]
             U = torch.stack([gT, *[self._direction(d, blocks, gT, M) for d in dirs]])
             acc.add(ops, U, diag, self.metric)
         return acc.scores(finite[:n].clone(), self._ghost_info(self._adam))
+
+    def _gram_gives_b(self, acc, dirs) -> bool:
+        """On a token-Gram layer, take `b` and `y2` from its Gram with the target rows (no `g_T`, no
+        dot-product pass): exact in sgd geometry; in adam geometry only with `ghost_b=rank1`, where
+        that Gram's rank-1 `D` then also enters `b` and `y2`. Not with extra directions (they need
+        exact dot products) or, in adam geometry, aux metrics."""
+        if acc.K is None or dirs:
+            return False
+        return not self._adam or (self.ghost_b == "rank1" and not self.aux_metrics)
 
     def _diagonals(self, blocks, ops, gT, n_bad, k_eff, groups, acc) -> dict:
         """{metric: its diagonal over the blocks' coordinates, None for the identity}."""
@@ -331,8 +350,9 @@ class GradEngine:
         if adam and not self._warned:
             self._warned = True
             log.warning("token-Gram on %d layers: their adam-geometry K uses a rank-1 D (approximate) and "
-                        "adam_q=%s (pool q needs per-sample gradients); b and y2 stay exact",
-                        len(self._ghost), self.ghost_q)
+                        "adam_q=%s (pool q needs per-sample gradients); b and y2 %s",
+                        len(self._ghost), self.ghost_q,
+                        "use the same rank-1 D (ghost_b=rank1)" if self.ghost_b == "rank1" else "stay exact")
         return {"layers": len(self._ghost), "adam_q": self.ghost_q if adam else None,
                 "rank1_err_max": max(errs) if errs else 0.0}
 
@@ -366,8 +386,8 @@ class GradEngine:
                     p = blk.param
                     g = gsum[blk.start : blk.end] if blk.ghost is None else \
                         self._ghost[id(blk.ghost)].weighted_sum(row_coef)
-                    g = g.view_as(p).to(p.dtype)
-                    p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+                    g = g.view_as(p).to(p.dtype)  # a fresh tensor or a slice of the fresh gsum: no copy
+                    p.grad = g if p.grad is None else p.grad.add_(g)
                 local_update(self.cap.local, row_coef)
                 if self.cap.pass_params:
                     self._fallback_backward(idx, coef)
@@ -388,7 +408,8 @@ class GradEngine:
                     torch.autograd.backward(total, inputs=params)
 
     def _free(self) -> None:
-        self.cap.buf, self._rows, self._pool, self._ghost = None, None, None, {}
+        self.cap.release()
+        self._rows, self._pool, self._ghost = None, None, {}
         for s in self.cap.local:
             s.saved = []
 
