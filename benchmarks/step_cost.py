@@ -2,7 +2,7 @@
 
     python benchmarks/step_cost.py                      # default config, budgets 0.25 and 0.1
     python benchmarks/step_cost.py --repeats 3 --steps 40 --budgets 0.25 0.1 0.05
-    python benchmarks/step_cost.py --arms full tracin --extra selector.prefilter_keep=0.25
+    python benchmarks/step_cost.py --budgets 0.05 --arms full ftw "ftw[selector.prefilter_keep=0.25]"
 
 Every (arm, budget) pair is a `fwsel.loop.Trainer` built from the packaged config (the
 defaults plus `--extra` overrides) in this one process. The trainers step in turn, one step
@@ -46,10 +46,14 @@ class NullTracker:
 
 
 def compose(arm: str, budget: float, steps: int, extra: list[str]):
+    """The config of one arm: a selector name, optionally with its own overrides in brackets
+    (`ftw[selector.prefilter_keep=0.25]`)."""
     from hydra import compose as hydra_compose
 
-    return hydra_compose("train", overrides=[f"selector={arm}", f"budget={budget}", f"steps={steps}",
-                                             "progress=false", *extra])
+    name, _, own = arm.partition("[")
+    own = [o for o in own.rstrip("]").split(",") if o]
+    return hydra_compose("train", overrides=[f"selector={name}", f"budget={budget}", f"steps={steps}",
+                                             "progress=false", *extra, *own])
 
 
 def one_run(arms, budgets, steps, skip, extra) -> dict:

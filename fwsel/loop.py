@@ -26,11 +26,12 @@ from hydra.utils import instantiate
 
 from fwsel.data import build_data
 from fwsel.data.collate import Collator
-from fwsel.errors import FwselError
+from fwsel.errors import ConfigError, FwselError
 from fwsel.evaluate import evaluate
 from fwsel import distributed, fidelity, grads
 from fwsel.grads.dist import build_engine
 from fwsel.grads.loss import sequence_losses
+from fwsel.grads.prefilter import head_alignment
 from fwsel.modeling import build_model
 from fwsel.rng import int_seed, np_rng, torch_gen
 from fwsel.schedule import build_optimizer
@@ -152,6 +153,9 @@ class Trainer:
         self.steps, self.seed = int(cfg.steps), int(cfg.seed)
         if self.N < self.comm.world:
             raise FwselError(f"the pool (N={self.N}) is smaller than the number of ranks ({self.comm.world})")
+        keep = cfg.selector.get("prefilter_keep")
+        if keep is not None and not (isinstance(keep, (int, float)) and 0 < keep <= 1):
+            raise ConfigError(f"selector.prefilter_keep must be null or a fraction in (0, 1], got {keep!r}")
         self.data = build_data(cfg)
         self.selector = instantiate(cfg.selector, _convert_="all")
         self.selector.fidelity = bool(cfg.get("diagnostics", {}).get("fidelity", False))
@@ -197,6 +201,7 @@ class Trainer:
         rows = self.pool_rows(t)
         lr = self.optimizer.param_groups[0]["lr"]
         need = Needs(self.selector.needs(t))
+        rows = self.shortlist(t, rows, need)  # selector.prefilter_keep: a cheap first stage
         sc = self.score(t, rows, need)  # gradients and geometry (the engine), or losses
         pool = Pool(rows, self.k, t, lr, torch_gen(self.seed, "selector", t), scores=sc.scores, losses=sc.losses,
                     optimizer=self.optimizer)
@@ -211,6 +216,20 @@ class Trainer:
         if len(rows) < self.N:
             raise Exhausted(f"the stream ran out at step {t} ({len(rows)} of {self.N} pool rows left)")
         return rows
+
+    def shortlist(self, t: int, rows: list[dict], need: Needs) -> list[dict]:
+        """With `selector.prefilter_keep` (a fraction), a gradient selector sees only that share of
+        the pool (at least k rows, pool order kept): the rows whose output-head gradient aligns best
+        with the target's, from one no-grad forward (fwsel.grads.prefilter)."""
+        keep = self.cfg.selector.get("prefilter_keep")
+        m = self.N if keep is None else max(self.k, int(round(float(keep) * self.N)))
+        if need is not Needs.GRADS or m >= self.N:
+            return rows
+        a = head_alignment(self.model, self.batch(rows), self.batch(self.target_rows(t)),
+                           int(self.cfg.engine.loss_chunk_tokens))
+        a = torch.where(torch.isfinite(a), a, torch.tensor(-math.inf, dtype=a.dtype))
+        top = torch.argsort(a, descending=True, stable=True)[:m]
+        return [rows[i] for i in sorted(top.tolist())]
 
     def score(self, t: int, rows: list[dict], need: Needs) -> Scored:
         """Gradients: one forward + one backward over pool + target (the engine's Scores); losses:
