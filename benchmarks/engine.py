@@ -42,6 +42,8 @@ HEAVY = {"plain": ("plain", {}), "engine adam": ("engine", {"metric": "adam"})}
 WIDE = {"plain": ("plain", {}),
         "engine sgd auto(token Gram)": ("engine", {"metric": "sgd"}),
         "engine adam state ghost(rank-1)": ("engine", {"metric": "adam", "adam_q": "state", "grad_path": "ghost"}),
+        "engine adam state ghost(rank-1, rank-1 b)": ("engine", {"metric": "adam", "adam_q": "state", "grad_path": "ghost",
+                                                               "ghost_b": "rank1"}),
         "engine sgd materialize": ("engine", {"metric": "sgd", "grad_path": "materialize"}),
         "func": ("func", {})}
 CASES = {  # name: (config, setting, N, v, T, arms, heavy)
@@ -147,19 +149,36 @@ def child_spearman(steps, hidden):
         for t in range(steps):
             tr.train_step(t)
         pool, target = tr.batch(tr.data.stream.pool(steps, tr.N)), tr.batch(tr.target_rows(steps))
-        K = {}
+        K, sc = {}, {}
         for key, kw in {"exact_state": dict(metric="adam", adam_q="state", grad_path="materialize"),
                         "rank1_state": dict(metric="adam", adam_q="state", grad_path="ghost"),
+                        "rank1_b": dict(metric="adam", adam_q="state", grad_path="ghost", ghost_b="rank1"),
                         "exact_pool": dict(metric="adam", adam_q="pool", grad_path="materialize"),
                         "sgd": dict(metric="sgd", grad_path="materialize")}.items():
-            sc = GradEngine(tr.model, tr.optimizer, loss_chunk_tokens=4096, **kw).score(pool, target, k=tr.k)
-            K[key] = sc.K.numpy()
-            if key == "rank1_state":
-                err = sc.ghost["rank1_err_max"]
+            sc[key] = GradEngine(tr.model, tr.optimizer, loss_chunk_tokens=4096, **kw).score(pool, target, k=tr.k)
+            K[key] = sc[key].K.numpy()
+        err = sc["rank1_state"].ghost["rank1_err_max"]
+        picks = {key: set(select_ftw(sc[key], tr)) for key in ("exact_state", "rank1_state", "rank1_b")}
     iu = np.triu_indices(tr.N)
     rho = {f"{a} vs {b}": float(spearmanr(K[a][iu], K[b][iu])[0])
            for a, b in (("rank1_state", "exact_state"), ("rank1_state", "exact_pool"), ("sgd", "exact_state"))}
-    print(json.dumps({"hidden": hidden, "steps": steps, "N": tr.N, "rho": rho, "rank1_err_max": err}))
+    b_ex, b_r1 = sc["exact_state"].b[:, 0].numpy(), sc["rank1_b"].b[:, 0].numpy()
+    rank1_b = {"K_relerr": float(np.abs(K["rank1_b"] - K["exact_state"]).max() / np.abs(K["exact_state"]).max()),
+               "b_relerr": float(np.abs(b_r1 - b_ex).max() / np.abs(b_ex).max()),
+               "b_spearman": float(spearmanr(b_r1, b_ex)[0]),
+               "y2_ratio": sc["rank1_b"].y2 / sc["exact_state"].y2,
+               "ftw_overlap_rank1K": len(picks["rank1_state"] & picks["exact_state"]) / max(len(picks["exact_state"]), 1),
+               "ftw_overlap_rank1Kb": len(picks["rank1_b"] & picks["exact_state"]) / max(len(picks["exact_state"]), 1)}
+    print(json.dumps({"hidden": hidden, "steps": steps, "N": tr.N, "rho": rho, "rank1_err_max": err, "rank1_b": rank1_b}))
+
+
+def select_ftw(scores, tr):
+    """ftw's picks (defaults) on these scores."""
+    from fwsel.selectors.base import Pool
+    from fwsel.selectors.ftw import FTW
+
+    pool = Pool(rows=[{}] * len(scores.b), k=tr.k, step=20, lr=1e-3, rng=None, scores=scores, optimizer=tr.optimizer)
+    return FTW(name="ftw").select(pool).indices
 
 
 def run_child(args, timeout, mem=False):
@@ -230,6 +249,7 @@ def main():
         rho = ", ".join(f"{k} {v:.4f}" for k, v in r["rho"].items())
         print(f"Spearman of K's upper triangle on the pool after {r['steps']} steps of tiny full fine-tuning "
               f"(hidden {r['hidden']}, N={r['N']}): {rho}; max relative rank-1 error of D {r['rank1_err_max']:.3f}")
+        print(f"  ghost_b=rank1 against exact adam (adam_q=state): {json.dumps(r['rank1_b'])}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from .capture import Capture, check_peft, requires_grad
 from .ghost import PATHS, GhostOps, prefers_ghost
 from .local import local_update
 from .loss import concat_batches, sequence_losses, take_rows, unwrap
-from .metric import ADAM_Q, METRICS, adam_diag, group_of, pool_q, state_vec
+from .metric import ADAM_Q, METRICS, adam_diag_run, group_of, pool_q, state_vec
 
 DIRS = ("momentum", "decay")
 PRODUCTS = ("b", "k", "y2", "sq_norms")
@@ -330,15 +330,10 @@ class GradEngine:
             return diag
         q_name = self.adam_q if blocks[0].ghost is None else self.ghost_q
         q = pool_q(ops.Gp, n_bad, k_eff) if q_name == "pool" else None
-        parts, off = [], 0
-        for b in blocks:
-            size = b.param.numel()
-            D, poor = adam_diag(b.param, self.optimizer, groups, gT, q_name, None if q is None else q[off : off + size])
-            parts.append(D)
-            acc.poor.append(poor.to(acc.device))
-            off += size
-        acc.coords += off
-        diag["adam"] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        params = [b.param for b in blocks]
+        diag["adam"], poor = adam_diag_run(params, self.optimizer, groups, gT, q_name, q)
+        acc.poor.append(torch.as_tensor(poor).to(acc.device))
+        acc.coords += diag["adam"].numel()
         if "adam2" in (self.metric, *self.aux_metrics):
             diag["adam2"] = diag["adam"] ** 2
         return diag
