@@ -222,7 +222,7 @@ class Trainer:
         the pool (at least k rows, pool order kept): the rows whose output-head gradient aligns best
         with the target's, from one no-grad forward (fwsel.grads.prefilter)."""
         keep = self.cfg.selector.get("prefilter_keep")
-        m = self.N if keep is None else max(self.k, int(round(float(keep) * self.N)))
+        m = self.N if keep is None else max(self.k, round(float(keep) * self.N))
         if need is not Needs.GRADS or m >= self.N:
             return rows
         a = head_alignment(self.model, self.batch(rows), self.batch(self.target_rows(t)),

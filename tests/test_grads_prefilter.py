@@ -1,6 +1,5 @@
 """The prefilter signal: TracIn on the output head, from one no-grad forward."""
 
-import torch
 from helpers_models import oracle_grads, random_batch, tiny_model
 from test_grads import relerr
 

@@ -53,7 +53,7 @@ def rank1_state(model, opt, g):
 def test_rank1_b_shares_the_gram_and_is_exact_when_D_has_rank_1():
     model, opt = wide()
     pool, target = batches()
-    kw = dict(adam_q="state", grad_path="ghost")
+    kw = {"adam_q": "state", "grad_path": "ghost"}
     exact = GradEngine(model, opt, "adam", **kw).score(pool, target, k=3)
     approx = GradEngine(model, opt, "adam", ghost_b="rank1", **kw).score(pool, target, k=3)
     assert relerr(approx.K, exact.K) <= 1e-10  # the same rank-1 Gram
