@@ -65,19 +65,23 @@ def wanted(products) -> frozenset:
 
 
 class MatOps:
-    """Products for one run of materialised blocks from its per-sample gradients `Gp` ([N, cols])."""
+    """Products for one run of materialised blocks from its per-sample gradients `Gp` ([N, cols]).
 
-    def __init__(self, Gp):
+    `scratch(shape)` gives the room for a scaled copy of `Gp` (a fresh tensor, or on the CPU a
+    reused one: a fresh allocation of that size page-faults every step)."""
+
+    def __init__(self, Gp, scratch=None):
         self.Gp = Gp
+        self.scratch = scratch or (lambda shape: None)
 
     def gram(self, M=None, key=None):
-        GM = self.Gp if M is None else self.Gp * M
+        GM = self.Gp if M is None else torch.mul(self.Gp, M, out=self.scratch(self.Gp.shape))
         return GM @ self.Gp.T
 
     def sq_norms(self, M=None, key=None):
         if M is None:  # a fused norm per row, no [N, cols] temporary
             return torch.linalg.vector_norm(self.Gp, dim=1).square()
-        return self.Gp.square() @ M
+        return torch.mul(self.Gp, self.Gp, out=self.scratch(self.Gp.shape)) @ M
 
     def dots(self, W):
         return self.Gp @ W.T
@@ -186,6 +190,7 @@ class GradEngine:
         self._finite: torch.Tensor | None = None
         self._ghost: dict = {}  # id(site) -> GhostOps of the last scoring pass
         self._warned = False
+        self._spare: torch.Tensor | None = None  # CPU scratch of the products (see `_scratch`)
         self.group_entries = 2**26  # buffer entries per run of blocks handled together (bounds temporaries)
 
     # ------------------------------------------------------------------ path choice
@@ -300,7 +305,7 @@ class GradEngine:
             ghost = blocks[0].ghost
             if ghost is None:
                 cols = slice(blocks[0].start, blocks[-1].end)
-                ops = MatOps(self._rows[:n, cols])
+                ops = MatOps(self._rows[:n, cols], self._scratch)
             else:
                 ops = self._ghost[id(ghost)]
                 if self._gram_gives_b(acc, dirs):  # K, b, y2 from one token Gram over pool and target rows
@@ -329,7 +334,7 @@ class GradEngine:
         if not self._adam:
             return diag
         q_name = self.adam_q if blocks[0].ghost is None else self.ghost_q
-        q = pool_q(ops.Gp, n_bad, k_eff) if q_name == "pool" else None
+        q = pool_q(ops.Gp, n_bad, k_eff, self._scratch(ops.Gp.shape)) if q_name == "pool" else None
         params = [b.param for b in blocks]
         diag["adam"], poor = adam_diag_run(params, self.optimizer, groups, gT, q_name, q)
         acc.poor.append(torch.as_tensor(poor).to(acc.device))
@@ -337,6 +342,15 @@ class GradEngine:
         if "adam2" in (self.metric, *self.aux_metrics):
             diag["adam2"] = diag["adam"] ** 2
         return diag
+
+    def _scratch(self, shape):
+        """Room for one `shape` temporary: None (a fresh tensor) off the CPU, else a reused buffer."""
+        if self.cap.device.type != "cpu":
+            return None
+        size = shape[0] * shape[1]
+        if self._spare is None or self._spare.numel() < size:
+            self._spare = torch.empty(size, dtype=self.cap.dtype)
+        return self._spare[:size].view(shape)
 
     def _ghost_info(self, adam: bool) -> dict:
         if not self._ghost:

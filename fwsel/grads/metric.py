@@ -29,15 +29,15 @@ def state_vec(optimizer, p, key: str, like: torch.Tensor) -> torch.Tensor:
     return like.new_zeros(like.shape) if v is None else v.detach().reshape(-1).to(like)
 
 
-def pool_q(Gp, n_bad: int, k: int) -> torch.Tensor:
+def pool_q(Gp, n_bad: int, k: int, out=None) -> torch.Tensor:
     """`u*u + (1/k - 1/N) s2` per column of the pool's per-sample gradients `Gp` ([N, cols]).
 
     Its `n_bad` non-finite rows are already zero and are left out of the mean and variance.
-    From the column sums of `g` and `g*g` (two matrix-vector products, one temporary): a
-    zero row adds nothing to either.
+    From the column sums of `g` and `g*g` (two matrix-vector products, one temporary, `out` when
+    given): a zero row adds nothing to either.
     """
     ones = Gp.new_ones(Gp.shape[0])
-    return q_from_sums(ones @ Gp, ones @ Gp.square(), Gp.shape[0] - n_bad, k)
+    return q_from_sums(ones @ Gp, ones @ torch.mul(Gp, Gp, out=out), Gp.shape[0] - n_bad, k)
 
 
 def q_from_sums(s1, s2, nf: int, k: int) -> torch.Tensor:
