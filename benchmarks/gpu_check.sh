@@ -8,6 +8,7 @@
 #
 #   bash benchmarks/gpu_check.sh           # on the GPU machine
 #   bash benchmarks/gpu_check.sh --tiny    # CPU smoke check of this script with tiny shapes (a minute or two)
+# Each part runs under `timeout`; no training run starts after DEADLINE_S seconds (default 500).
 set -u
 cd "$(dirname "$0")/.."
 TINY=0
@@ -34,9 +35,9 @@ log "gpu_check: tiny=$TINY dest=$DEST python=$PY"
 
 # 1. engine micro-benchmark (each prints one JSON line)
 log "engine T=1024"
-timeout 170 "$PY" benchmarks/gpu_engine.py "${ENGINE_ARGS[@]}" > "$DEST/engine_T1024.json" 2>> "$LOG" || log "engine T=1024 failed ($?)"
+timeout 150 "$PY" benchmarks/gpu_engine.py "${ENGINE_ARGS[@]}" > "$DEST/engine_T1024.json" 2>> "$LOG" || log "engine T=1024 failed ($?)"
 log "engine T=4096 grad-ckpt"
-timeout 170 "$PY" benchmarks/gpu_engine.py "${ENGINE_ARGS[@]}" --seq 4096 --grad-ckpt --no-func \
+timeout 150 "$PY" benchmarks/gpu_engine.py "${ENGINE_ARGS[@]}" --seq 4096 --grad-ckpt --no-func \
   > "$DEST/engine_T4096_ckpt.json" 2>> "$LOG" || log "engine T=4096 failed ($?)"
 
 # 2. the checkpoint: Llama-3.2-1B's shape (tied head, vocab 128256), random init, the char tokenizer
@@ -65,8 +66,12 @@ EOF
 # 3. 30 steps per arm, in this process order; peak CUDA memory from the same process
 PROJ="[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 for SEL in ftw greats tracin random; do
+  if [ $SECONDS -gt "${DEADLINE_S:-500}" ]; then  # leave room inside a 10-minute device call
+    log "skip train $SEL: ${SECONDS}s used (DEADLINE_S=${DEADLINE_S:-500})"
+    continue
+  fi
   log "train $SEL"
-  timeout 150 "$PY" - "$DEST/train_$SEL" "$SEL" train model=hf "model.name_or_path=$MODEL_DIR" "selector=$SEL" \
+  timeout 120 "$PY" - "$DEST/train_$SEL" "$SEL" train model=hf "model.name_or_path=$MODEL_DIR" "selector=$SEL" \
     lora.r=16 lora.alpha=32 "lora.target_modules=$PROJ" budget=0.25 progress=false save_model=false \
     "${TRAIN_ARGS[@]}" "hydra.run.dir=$DEST/train_$SEL" <<'EOF' 2>&1 | tail -3 | tee -a "$LOG"
 import json, os, sys, torch
