@@ -52,20 +52,25 @@ class Site:
     factors: list = field(default_factory=list)  # (X [tok, d_in], E [tok, d_out], rows [tok])
 
 
-def check_peft(model: nn.Module) -> None:
-    """Raise on peft setups whose adapter output is not `lora_B(lora_A(dropout(x))) * s`."""
+def lora_layers(model: nn.Module) -> list:
+    """(name, module) of every peft LoraLayer in the model (none without peft)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # peft not installed
+        return []
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def check_peft(model: nn.Module, layers=None) -> None:
+    """Raise on peft setups whose adapter output is not `lora_B(lora_A(dropout(x))) * s`.
+
+    `layers`: `lora_layers(model)` found before (every score re-checks their state, not the tree)."""
     cfgs = getattr(model, "peft_config", None) or {}
     for name, cfg in cfgs.items():
         kind = str(getattr(cfg, "peft_type", "LORA")).split(".")[-1]
         if kind != "LORA":
             raise ValueError(f"fwsel.grads supports only peft LoRA; adapter {name!r} is {kind}")
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # peft not installed: nothing to check
-        return
-    for mname, m in model.named_modules():
-        if not isinstance(m, LoraLayer):
-            continue
+    for mname, m in lora_layers(model) if layers is None else layers:
         if m.merged:
             raise ValueError(f"{mname}: merged LoRA adapters cannot be captured (unmerge first)")
         if m.disable_adapters:

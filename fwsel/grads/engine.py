@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .capture import Capture, check_peft, requires_grad
+from .capture import Capture, check_peft, lora_layers, requires_grad
 from .ghost import PATHS, GhostOps, prefers_ghost
 from .local import local_update
 from .loss import concat_batches, sequence_losses, take_rows, unwrap
@@ -174,7 +174,8 @@ class GradEngine:
             raise ValueError("the adam metrics need the optimizer")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError("micro_batch_size must be positive or None")
-        check_peft(model)
+        self._lora = lora_layers(model)
+        check_peft(model, self._lora)
         self.model, self.optimizer, self.metric = model, optimizer, metric
         self.adam_q, self.loss_chunk_tokens = adam_q, loss_chunk_tokens
         self.micro_batch_size, self.aux_metrics = micro_batch_size, tuple(aux_metrics)
@@ -224,7 +225,7 @@ class GradEngine:
         bad = [d for d in extra_dirs if d not in DIRS]
         if bad:
             raise ValueError(f"unknown extra_dirs {bad}; known: {DIRS}")
-        check_peft(self.model)
+        check_peft(self.model, self._lora)
         self._free()
         batch = concat_batches(pool_batch, target_batch)
         n = pool_batch["input_ids"].shape[0]
