@@ -57,7 +57,7 @@ def selective(out, rows, target=None, **kw):
     tok = char_tokenizer()
     targs = {k: kw.pop(k) for k in list(kw) if k in ("max_steps", "per_device_train_batch_size",
                                                      "gradient_accumulation_steps", "optim", "max_grad_norm",
-                                                     "save_strategy", "save_steps", "learning_rate")}
+                                                     "save_strategy", "save_steps", "learning_rate", "ddp_backend")}
     model = kw.pop("model", None)
     return SelectiveTrainer(model=EX.tiny_model(tok) if model is None else model, args=args(out, **targs),
                             train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
