@@ -262,7 +262,12 @@ class SelectionMixin:
         model.train()
         if callable(getattr(self.optimizer, "train", None)):
             self.optimizer.train()
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ConfigError("fwsel.hf selection writes .grad itself: DeepSpeed and FSDP are not supported (DDP is)")
         rows = [r for b in group for r in b.pop(ROWS)]
+        for j, r in enumerate(rows):  # an iterable dataset has no row index: (step, position) names the row
+            if r["id"] is None:
+                r["id"] = f"{self.state.global_step}:{j}"
         parts = [self._prepare_inputs({k: b[k] for k in TENSORS}) for b in group]
         pool = parts[0]
         for p in parts[1:]:

@@ -55,9 +55,12 @@ def selective(out, rows, target=None, **kw):
     from fwsel.hf import SelectiveTrainer
 
     tok = char_tokenizer()
-    targs = {k: kw.pop(k) for k in list(kw) if k in ("max_steps", "per_device_train_batch_size",
-                                                     "gradient_accumulation_steps", "optim", "max_grad_norm",
-                                                     "save_strategy", "save_steps", "learning_rate", "ddp_backend")}
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    targs = {k: kw.pop(k) for k in list(kw) if k in fields}
     model = kw.pop("model", None)
     return SelectiveTrainer(model=EX.tiny_model(tok) if model is None else model, args=args(out, **targs),
                             train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
@@ -189,6 +192,29 @@ def test_accumulation_selects_as_one_batch(tmp_path):
     np.testing.assert_allclose(np.concatenate([r["weights"] for r in sa]), np.concatenate([r["weights"] for r in sb]),
                                rtol=1e-4)
     torch.testing.assert_close(params(a.model), params(b.model), atol=1e-5, rtol=0)
+
+
+def test_gradient_checkpointing_changes_nothing(tmp_path):
+    """The Trainer's gradient checkpointing (non-reentrant in transformers 5) recomputes the same
+    activations: the same selections and parameters."""
+    rows, target = EX.mixture(32)[0].to_list(), EX.mixture(1)[1].to_list()
+    runs = []
+    for name, gc in (("plain", False), ("gc", True)):
+        tr = selective(tmp_path / name, rows, target, selector="ftw", max_steps=2, gradient_checkpointing=gc)
+        tr.train()
+        assert getattr(tr.model, "is_activation_checkpointing", False) == gc
+        runs.append((read(tmp_path / name), params(tr.model)))
+    assert runs[0][0] == runs[1][0]
+    torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-6, rtol=0)
+
+
+def test_bf16_mixed_precision_runs_the_selection(tmp_path):
+    tr = selective(tmp_path, EX.mixture(16)[0].to_list(), EX.mixture(1)[1].to_list(), selector="ftw", max_steps=2,
+                   bf16=True)
+    before = params(tr.model)
+    tr.train()
+    assert tr.accelerator.mixed_precision == "bf16" and [len(r["ids"]) > 0 for r in read(tmp_path)] == [True, True]
+    assert torch.isfinite(params(tr.model)).all() and not torch.equal(before, params(tr.model))
 
 
 def test_resume_continues_the_same_selections(tmp_path):
