@@ -65,6 +65,10 @@ def step_times(arm: str, rows, target, tok, a) -> list[float]:
                              per_device_train_batch_size=bs, learning_rate=1e-3, save_strategy="no", report_to=[],
                              use_cpu=True, disable_tqdm=True, logging_steps=10**6, seed=0)
     model = model_for(tok, a.size)
+    if a.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
     if arm.startswith("plain"):
         enc = Collator(tok, 128)
         data = datasets.Dataset.from_list([dict(zip(("input_ids", "labels"), enc.encode(r)[:2])) for r in rows])
@@ -89,6 +93,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--n", type=int, default=32, help="pool rows per step (per_device_train_batch_size)")
     p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--lora", action="store_true", help="LoRA r=8 on every Linear instead of full fine-tuning")
     p.add_argument("--context", type=int, default=0, help="random letters before each prompt")
     p.add_argument("--arms", default="ftw,random,plain N,plain k", help="comma-separated; selector names or plain N|k")
     p.add_argument("--out", default="/tmp/fwsel_hf_step")
@@ -109,6 +114,7 @@ def main(argv=None) -> None:
             got[arm] += step_times(arm, rows, target, tok, a)
     med = {arm: statistics.median(v) for arm, v in got.items()}
     print(f"# SelectiveTrainer step vs plain Trainer step: model {a.size} ({SIZES[a.size]}), N={a.n}, context {a.context}, "
+          f"{'LoRA r=8 all-linear' if a.lora else 'full fine-tuning'}, "
           f"k={max(1, round(a.n / 4))}, target batch 8, {a.rounds} rounds x {a.steps - 1} timed steps per arm")
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()}, "
           f"1 torch thread")

@@ -247,13 +247,21 @@ def test_sel_diagnostics_go_through_trainer_log(tmp_path):
     assert sum(v for k, v in logged[-1].items() if k.startswith("sel_source_")) == logged[-1]["sel_examples_trained"]
 
 
-def test_rows_without_id_are_named_by_index_and_pretokenized_rows_train(tmp_path):
+@pytest.mark.parametrize("user_collator", [False, True])
+def test_rows_without_id_are_named_by_index_and_pretokenized_rows_train(tmp_path, user_collator):
+    """Pre-tokenized rows (input_ids, labels), padded by fwsel or by the script's own collator."""
+    from transformers import DataCollatorForSeq2Seq
+
     from fwsel.data.collate import Collator
     from fwsel.data.tokenizer import char_tokenizer
 
-    enc = Collator(char_tokenizer(), 64)
+    tok = char_tokenizer()
+    enc = Collator(tok, 64)
     rows = [dict(zip(("input_ids", "labels"), enc.encode(r)[:2])) for r in fixed_rows(8)]
-    selective(tmp_path, rows, selector="random", max_steps=1, budget=0.5).train()
+    extra = {"data_collator": DataCollatorForSeq2Seq(tok, padding=True)} if user_collator else {}
+    tr = selective(tmp_path, rows, selector="random", max_steps=1, budget=0.5, **extra)
+    assert (tr.data_collator.inner is not None) == user_collator
+    tr.train()
     (step,) = read(tmp_path)
     assert len(step["ids"]) == 4 and set(step["ids"]) <= set(range(8))
 
