@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 
+from fwsel.config import build_selector
 from fwsel.data import build_data
 from fwsel.data.collate import Collator
-from fwsel.errors import FwselError
+from fwsel.errors import ConfigError, FwselError
 from fwsel.evaluate import evaluate
 from fwsel import distributed, fidelity, grads
 from fwsel.grads.dist import build_engine
@@ -153,7 +153,7 @@ class Trainer:
         if self.N < self.comm.world:
             raise FwselError(f"the pool (N={self.N}) is smaller than the number of ranks ({self.comm.world})")
         self.data = build_data(cfg)
-        self.selector = instantiate(cfg.selector, _convert_="all")
+        self.selector = build_selector(cfg.selector)
         self.selector.fidelity = bool(cfg.get("diagnostics", {}).get("fidelity", False))
         self.model, self.tokenizer = build_model(cfg, self.device)
         self.comm.broadcast_module(self.model)  # every rank starts from rank 0's weights, as DDP would
@@ -187,8 +187,11 @@ class Trainer:
             needs = self.selector.engine_needs
             if self.selector.fidelity:
                 needs = dataclasses.replace(needs, products=Product.all())
-            self.engine = build_engine(self.cfg.engine, needs, self.model, self.optimizer, comm=self.comm,
-                                       projection_seed=int_seed(self.seed, "projection"))
+            try:
+                self.engine = build_engine(self.cfg.engine, needs, self.model, self.optimizer, comm=self.comm,
+                                           projection_seed=int_seed(self.seed, "projection"))
+            except ValueError as e:  # the model or engine settings do not fit (e.g. a LoRA variant, ghost x ranks)
+                raise ConfigError(f"engine: {e}") from None
         return self.engine
 
     # ---- one step: pool, gradients (score), geometry, select, update, log ----
