@@ -1,4 +1,4 @@
-"""One training step of the real Trainer runs exactly one forward and one backward (METHOD section 3)."""
+"""One training step of the real Trainer runs exactly one forward and one backward (docs/method.md#per-sample-gradient-products)."""
 
 import pytest
 import torch
