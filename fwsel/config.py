@@ -9,7 +9,6 @@ from __future__ import annotations
 from fwsel.errors import ConfigError
 from fwsel.schedule import SCHEDULES
 
-
 MODEL_DTYPES = {"tiny": ("fp32", "fp64"), "hf": ("auto", "bf16", "fp16", "fp32", "fp64")}  # model.kind -> dtypes
 
 
@@ -40,7 +39,8 @@ def validate(cfg) -> None:
            f"model.dtype must be one of {'|'.join(allowed[cfg.model.kind])}, got {cfg.model.dtype!r}")
     _check(cfg.model.kind != "hf" or bool(cfg.model.get("name_or_path")),
            "model.name_or_path is required for model.kind=hf: a hub name or a local dir")
-    _check(cfg.data.kind in ("synthetic", "jsonl", "hf"), f"data.kind must be one of synthetic|jsonl|hf, got {cfg.data.kind!r}")
+    _check(cfg.data.kind in ("synthetic", "jsonl", "hf"),
+           f"data.kind must be one of synthetic|jsonl|hf, got {cfg.data.kind!r}")
     _check(cfg.data.get("on_error", "raise") in ("raise", "skip"),
            f"data.on_error must be raise|skip, got {cfg.data.get('on_error')!r}")
     _check(cfg.target.get("from_stream") is None or int(cfg.target.from_stream) >= 2,

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fwsel import distributed, fidelity, grads
 from fwsel.config import build_selector
 from fwsel.data import build_data
 from fwsel.data.collate import Collator
 from fwsel.errors import ConfigError, FwselError
 from fwsel.evaluate import evaluate
-from fwsel import distributed, fidelity, grads
 from fwsel.grads.dist import build_engine
 from fwsel.grads.loss import sequence_losses
 from fwsel.modeling import build_model
@@ -322,7 +322,8 @@ class Trainer:
         part = self.comm.shard(n)
         out = None
         if part.stop > part.start:
-            out = sequence_losses(self.model, {k: v[part] for k, v in batch.items()}, int(self.cfg.engine.loss_chunk_tokens))
+            out = sequence_losses(self.model, {k: v[part] for k, v in batch.items()},
+                                  int(self.cfg.engine.loss_chunk_tokens))
         mine = out.losses.detach().double().cpu() if out is not None else torch.zeros(0, dtype=torch.float64)
         return out, self.comm.gather_rows(mine, n)
 

@@ -13,8 +13,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from fwsel.selectors.base import (EngineNeeds, Needs, Pool, Product, Selection, Selector, as_np, candidates, choice,
-                                  topk, uniform)
+from fwsel.selectors.base import (
+    EngineNeeds,
+    Needs,
+    Pool,
+    Product,
+    Selection,
+    Selector,
+    as_np,
+    candidates,
+    choice,
+    topk,
+    uniform,
+)
 from fwsel.selectors.omp import nnls_gram, omp, ridge_lambda
 from fwsel.selectors.scoring import greedy_interaction, less_scores
 from fwsel.selectors.weights import normalise_and_cap
@@ -124,7 +135,8 @@ class FTW(Selector):
         b1, lam, t = adam_constants(pool.optimizer)
         c, beta = (1 - b1) / (1 - b1 ** (t + 1)), b1 / (1 - b1 ** (t + 1))
         args = (pool.scores, indices, u, pool.lr * c, [beta / c, lam / c])
-        return {"fid_pred": adam_quadratic(*args, curvature=self.alpha), "fid_pred_linear": adam_quadratic(*args, curvature=0.0)}
+        return {"fid_pred": adam_quadratic(*args, curvature=self.alpha),
+                "fid_pred_linear": adam_quadratic(*args, curvature=0.0)}
 
     def problem(self, pool: Pool) -> tuple[np.ndarray, np.ndarray, float]:
         """`(K, b, y2)`; with `momentum_correction` the target is
