@@ -69,6 +69,8 @@ def validate_engine(eng) -> None:
     _check(_int_or_null(eng.projection_dim),
            f"engine.projection_dim must be null or an integer >= 1, got {eng.projection_dim!r}")
     _check(eng.projection in KINDS, f"engine.projection must be one of {'|'.join(KINDS)}, got {eng.projection!r}")
+    _check(eng.projection_dim is None or eng.grad_path != "ghost",
+           "engine.grad_path=ghost does not combine with engine.projection_dim (a sketch needs materialised rows)")
     _check(_int_or_null(eng.micro_batch_size),
            f"engine.micro_batch_size must be null or an integer >= 1, got {eng.micro_batch_size!r}")
     _check(_int_or_null(eng.loss_chunk_tokens) and eng.loss_chunk_tokens is not None,

@@ -1,4 +1,6 @@
-"""The online loop. One step: pool, gradients, geometry, select, update, log.
+"""The online loop. One step (`Trainer.train_step`), phase by phase: `pool_rows` (the pool),
+`score` (gradients and geometry: the engine's products, or losses), the selector's `select`,
+`update` (form the weighted update, clip, step; or `_skip`), `log_row` (totals and metrics).
 
 Every random stream is a pure function of (seed, name, step) (see fwsel.rng), so arms see
 identical pools and target batches and evaluation touches no training RNG; what a resume
@@ -13,12 +15,11 @@ so every rank takes the same decisions and rank 0 logs what one process would.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -186,7 +187,7 @@ class Trainer:
         if self.engine is None:
             needs = self.selector.engine_needs
             if self.selector.fidelity:
-                needs = dataclasses.replace(needs, products=Product.all())
+                needs = replace(needs, products=Product.all())
             try:
                 self.engine = build_engine(self.cfg.engine, needs, self.model, self.optimizer, comm=self.comm,
                                            projection_seed=int_seed(self.seed, "projection"))
