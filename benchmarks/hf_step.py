@@ -68,15 +68,17 @@ def step_times(arm: str, rows, target, tok, a) -> list[float]:
     if a.lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+        lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
     if arm.startswith("plain"):
         enc = Collator(tok, 128)
         data = datasets.Dataset.from_list([dict(zip(("input_ids", "labels"), enc.encode(r)[:2])) for r in rows])
-        tr = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorForSeq2Seq(tok, padding=True),
-                     callbacks=[Clock()])
+        tr = Trainer(model=model, args=args, train_dataset=data,
+                     data_collator=DataCollatorForSeq2Seq(tok, padding=True), callbacks=[Clock()])
     else:
-        tr = SelectiveTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
-                              target_dataset=target, selector=arm, budget=0.25, callbacks=[Clock()])
+        tr = SelectiveTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                              processing_class=tok, target_dataset=target, selector=arm, budget=0.25,
+                              callbacks=[Clock()])
     tr.train()
     return times[1:]
 
@@ -100,9 +102,9 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     import transformers
+    from hf_trainer import mixture
 
     from fwsel.data.tokenizer import char_tokenizer
-    from hf_trainer import mixture
 
     tok = char_tokenizer()
     train, target, _ = mixture(a.n * a.steps)
@@ -113,16 +115,18 @@ def main(argv=None) -> None:
         for arm in arms:
             got[arm] += step_times(arm, rows, target, tok, a)
     med = {arm: statistics.median(v) for arm, v in got.items()}
-    print(f"# SelectiveTrainer step vs plain Trainer step: model {a.size} ({SIZES[a.size]}), N={a.n}, context {a.context}, "
+    print(f"# SelectiveTrainer step vs plain Trainer step: model {a.size} ({SIZES[a.size]}), N={a.n}, "
+          f"context {a.context}, "
           f"{'LoRA r=8 all-linear' if a.lora else 'full fine-tuning'}, "
           f"k={max(1, round(a.n / 4))}, target batch 8, {a.rounds} rounds x {a.steps - 1} timed steps per arm")
-    print(f"# torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()}, "
-          f"1 torch thread")
+    print(f"# torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{platform.processor() or platform.machine()}, 1 torch thread")
     print("| arm | median step (ms) | / plain N |\n|---|---|---|")
     for arm in arms:
         print(f"| {arm} | {1e3 * med[arm]:.1f} | {med[arm] / med['plain N']:.2f}x |")
     if "ftw" in med:
-        print(f"\nftw / plain N = {med['ftw'] / med['plain N']:.2f}x; ftw / plain k = {med['ftw'] / med['plain k']:.2f}x")
+        print(f"\nftw / plain N = {med['ftw'] / med['plain N']:.2f}x; "
+              f"ftw / plain k = {med['ftw'] / med['plain k']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -163,6 +163,7 @@ def picks(out, lora):
     return tr.selected_per_source()
 
 
+@pytest.mark.slow  # ~4 s each: 20 steps over pools of 32
 @pytest.mark.parametrize("lora", [False, True], ids=["full_ft", "lora"])
 def test_ftw_prefers_target_rows_over_random(tmp_path, lora):
     """Random takes `target` rows at their share of the pools (0.1 here); ftw at a clearly higher
@@ -270,7 +271,7 @@ def test_bad_selector_input_is_one_clear_error():
     from fwsel.errors import ConfigError
     from fwsel.hf import build_selector
 
-    with pytest.raises(ConfigError, match="not one of fwsel's selectors"):
+    with pytest.raises(ConfigError, match="not one of fwsel's selector configs"):
         build_selector("nope")
     with pytest.raises(ConfigError, match=r"\['omp_tolerance'\] are not keys of selector 'ftw'"):
         build_selector("ftw", {"omp_tolerance": 1})

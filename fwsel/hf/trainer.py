@@ -1,177 +1,31 @@
-"""Selection inside `transformers.Trainer` and TRL's `SFTTrainer`: `SelectiveTrainer`, `SelectionMixin`.
-
-A few changed lines in a Trainer script (README "Use it from your Trainer"):
-
-    from fwsel.hf import SelectiveTrainer
-    trainer = SelectiveTrainer(model=model, args=args, train_dataset=rows, processing_class=tok,
-                               target_dataset=target_rows, selector="ftw", budget=0.25)
-
-or `class MySFT(SelectionMixin, SFTTrainer)` for any Trainer subclass. What one optimizer step does:
-
-* the pool is what the Trainer's loop fetched for that step on this device: its
-  `gradient_accumulation_steps` micro-batches, `N = per_device_train_batch_size * accumulation`
-  rows (so accumulation 2 over batches of 8 selects exactly as one batch of 16); the engine scores
-  it in micro-batches of `per_device_train_batch_size` rows, so memory stays per micro-batch
-  except for the per-sample gradient products;
-* the selector keeps `k = round(budget * N)` rows with mean-1 weights and the engine writes the
-  one-pass weighted update `(1/|S|) sum_S w_i g_i` (g_i: row i's mean-token loss) into `.grad`
-  inside the Trainer's own `training_step`; the Trainer then clips, steps its optimizer and
-  scheduler, and runs its callbacks as usual. Selectors that score nothing (`random`, `full`) or
-  only losses (`maxloss`) get one weighted backward over the chosen rows instead;
-* the AdamW geometry reads the Trainer's optimizer state; another optimizer falls back to the SGD
-  metric with a warning.
-
-Several processes (torchrun / accelerate): selection is per rank. Each rank selects from its
-own pool (its own batches) and the ranks' updates are averaged, as DDP averages gradients; rank
-r writes `selected.jsonl` (rank 0) or `selected.rank<r>.jsonl`, and the logged diagnostics are
-rank 0's. The CLI's global selection over every rank's rows is not what this does.
-
-Differences from a plain Trainer to know: the loss is the mean over rows of each row's
-mean-token loss (the Trainer's default is a token mean over the batch; they agree when rows
-have equal supervised lengths), and a step whose selector chooses no row makes no update.
-"""
+"""`SelectionMixin` and `SelectiveTrainer`: a fwsel selector and the gradient engine inside a
+`transformers.Trainer`'s own training step (the package docstring says what a step does)."""
 
 from __future__ import annotations
 
 import collections
 import inspect
 import json
-import logging
 import os
 import warnings
-from importlib import resources
+from dataclasses import replace
 
 import numpy as np
 import torch
 from transformers import Trainer
 
-from fwsel.data.collate import Collator
-from fwsel.data.formats import to_row
 from fwsel.errors import ConfigError
 from fwsel.grads.loss import concat_batches, sequence_losses, take_rows
+from fwsel.hf.configs import build_selector, engine_config
+from fwsel.hf.rows import COLUMNS, ROWS, TENSORS, RowCollator, rows_of, with_ids
 from fwsel.loop import usable
 from fwsel.outputs import JsonlLog, read_jsonl
 from fwsel.rng import int_seed, np_rng, torch_gen
-from fwsel.selectors.base import Pool, Selector
+from fwsel.selectors.base import Pool
 
-log = logging.getLogger("fwsel")
-
-ROWS = "fwsel_rows"  # batch key holding each row's {id, source, text fields}; popped before the model sees it
-TENSORS = ("input_ids", "attention_mask", "labels")
-# raw columns the Trainer's column pruning must keep: ids, sources and fwsel's row formats
-COLUMNS = ("id", "source", "prompt", "response", "completion", "messages", "instruction", "input", "output",
-           "text", "question", "choices", "answer")
 STATE_FILE = "fwsel_selection.json"
 
 
-# ---------------------------------------------------------------- selectors by name
-def selector_config(name: str, overrides: dict | None = None):
-    """`conf/selector/<name>.yaml` (its `defaults` merged in) with `overrides` on top."""
-    from omegaconf import OmegaConf
-
-    root = resources.files("fwsel.conf") / "selector"
-    known = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
-    if name not in known:
-        raise ConfigError(f"selector={name!r} is not one of fwsel's selectors: {', '.join(known)}")
-    cfg = OmegaConf.load(str(root / f"{name}.yaml"))
-    bases = [selector_config(d) for d in cfg.pop("defaults", []) if d != "_self_"]
-    cfg = OmegaConf.merge(*bases, cfg)
-    unknown = sorted(set(overrides or {}) - set(cfg))
-    if unknown:
-        raise ConfigError(f"selector_kwargs {unknown} are not keys of selector {name!r} (keys: {', '.join(cfg)})")
-    return OmegaConf.merge(cfg, overrides or {})
-
-
-def build_selector(selector, selector_kwargs: dict | None = None) -> Selector:
-    """A selector instance as is, or one built from fwsel's config of that name."""
-    if isinstance(selector, Selector):
-        if selector_kwargs:
-            raise ConfigError("selector_kwargs only apply to a selector given by name")
-        return selector
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(selector_config(str(selector), selector_kwargs), _convert_="all")
-    except Exception as e:  # noqa: BLE001 - hydra wraps a constructor's ValueError in its own error
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"selector {selector!r}: {str(e).splitlines()[-1]}") from None
-
-
-# ---------------------------------------------------------------- rows -> batches
-class RowCollator:
-    """Rows in fwsel's formats go through fwsel's collator (response-only loss); pre-tokenized rows
-    (`input_ids`, optional `labels`) through `inner` (e.g. TRL's collator) or right-padding. The
-    batch carries `fwsel_rows` (id, source, text fields) for selection and selected.jsonl."""
-
-    def __init__(self, tokenizer, max_len: int, inner=None) -> None:
-        self.fw = Collator(tokenizer, max_len) if tokenizer is not None else None
-        self.inner = inner
-        self.pad = getattr(tokenizer, "pad_token_id", None) or 0
-
-    def _pad(self, feats: list[dict]) -> dict:
-        width = max(len(f["input_ids"]) for f in feats)
-        out = {"input_ids": torch.full((len(feats), width), self.pad, dtype=torch.long),
-               "attention_mask": torch.zeros((len(feats), width), dtype=torch.long),
-               "labels": torch.full((len(feats), width), -100, dtype=torch.long)}
-        for j, f in enumerate(feats):
-            ids = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            out["input_ids"][j, : len(ids)] = ids
-            out["attention_mask"][j, : len(ids)] = 1
-            out["labels"][j, : len(ids)] = torch.as_tensor(f.get("labels", ids), dtype=torch.long)
-        return out
-
-    def __call__(self, features, eos: bool = True) -> dict:
-        feats = [dict(f) for f in features]
-        meta = [{"id": f.pop("id", None), "source": f.pop("source", None)} for f in feats]
-        if "input_ids" in feats[0]:
-            batch = dict(self.inner(feats)) if self.inner is not None else self._pad(feats)
-            if "labels" not in batch:
-                batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-            rows = [{"id": m["id"], "source": str(m["source"] or "data")} for m in meta]
-        else:
-            if self.fw is None:
-                raise ConfigError("rows with text fields need the tokenizer: pass processing_class=<tokenizer>")
-            rows = [{**to_row({**f, "source": m["source"]}, str(m["id"])), "id": m["id"]} for f, m in zip(feats, meta)]
-            batch = self.fw(rows, eos=eos)
-        batch[ROWS] = rows
-        return batch
-
-    def tensors(self, rows, eos: bool = True) -> dict:
-        """Just the tensors (fwsel.evaluate's collate)."""
-        return {k: v for k, v in self(rows, eos).items() if k in TENSORS}
-
-
-def with_ids(dataset):
-    """The dataset with an `id` column (the row index when it has none)."""
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        datasets = None
-    if dataset is None or (datasets and isinstance(dataset, datasets.IterableDataset)):
-        return dataset
-    if datasets and isinstance(dataset, datasets.Dataset):
-        return dataset if "id" in dataset.column_names else dataset.add_column("id", list(range(len(dataset))))
-    return _Indexed(dataset)
-
-
-class _Indexed(torch.utils.data.Dataset):
-    def __init__(self, data) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i):
-        row = self.data[i]
-        return row if "id" in row else {**row, "id": i}
-
-
-def _rows(data) -> list[dict]:
-    return [dict(r) for r in data] if data is not None else []
-
-
-# ---------------------------------------------------------------- the mixin
 class SelectionMixin:
     """Put first in the bases of any `transformers.Trainer` subclass: `class T(SelectionMixin, SFTTrainer)`.
 
@@ -179,15 +33,17 @@ class SelectionMixin:
     step from (seed, step)); `target_eval_dataset`: rows `evaluate()` reports `eval_target_loss` on
     (also the Trainer's `eval_dataset` when none is given); `selector`: a name of fwsel's selector
     configs (`ftw`, `greats`, `tracin`, `random`, `full`, ...) or a `Selector`; `selector_kwargs`:
-    overrides of that config; `budget`: the fraction of each pool trained on.
+    overrides of that config; `budget`: the fraction of each pool trained on; `engine_kwargs`:
+    overrides of `conf/engine/default.yaml` (how products are computed: grad_path, projection_dim, ...).
     """
 
     def __init__(self, *args, target_dataset=None, selector="ftw", selector_kwargs=None, budget: float = 0.25,
-                 target_batch_size: int = 8, target_eval_dataset=None, **kwargs) -> None:
+                 target_batch_size: int = 8, target_eval_dataset=None, engine_kwargs=None, **kwargs) -> None:
         if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
             raise ConfigError(f"budget must be in (0, 1], got {budget!r}")
         self.selector = build_selector(selector, selector_kwargs)
         self.budget, self.target_batch_size = float(budget), int(target_batch_size)
+        self.engine_kwargs = dict(engine_kwargs or {})
         bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs)
         a = bound.arguments
         a["train_dataset"] = with_ids(a.get("train_dataset"))
@@ -197,10 +53,11 @@ class SelectionMixin:
         from transformers.data.data_collator import DataCollatorWithPadding, default_data_collator
 
         inner = self.data_collator
-        if a.get("data_collator") is None and (inner is default_data_collator or isinstance(inner, DataCollatorWithPadding)):
+        if a.get("data_collator") is None and (inner is default_data_collator
+                                               or isinstance(inner, DataCollatorWithPadding)):
             inner = None  # the Trainer's own defaults cannot pad labels: fwsel pads
         self.data_collator = RowCollator(self.processing_class, self._max_len(), inner)
-        self.target_select, self.target_eval = _rows(target_dataset), _rows(target_eval_dataset)
+        self.target_select, self.target_eval = rows_of(target_dataset), rows_of(target_eval_dataset)
         if self.selector_needs_target() and not self.target_select:
             raise ConfigError(f"selector {self.selector.name!r} scores rows against a target: pass target_dataset")
         self._engine, self._group, self._sel_log = None, None, None
@@ -234,18 +91,18 @@ class SelectionMixin:
             from fwsel.distributed import Comm
             from fwsel.grads.dist import build_engine
 
-            opt, sel = self._optimizer(), self.selector
-            metric, kw = sel.metric, dict(sel.engine_kwargs)
+            opt, needs = self._optimizer(), self.selector.engine_needs
             adam_like = all("betas" in g and "eps" in g and not g.get("amsgrad", False) for g in opt.param_groups)
-            if metric != "sgd" and not adam_like:
-                warnings.warn(f"selector {sel.name!r} uses the AdamW geometry but the optimizer is "
+            if not adam_like and any(m != "sgd" for m in (needs.metric, *needs.aux_metrics)):
+                warnings.warn(f"selector {self.selector.name!r} uses the AdamW geometry but the optimizer is "
                               f"{type(opt).__name__}: scoring in the SGD metric instead", stacklevel=2)
-                metric, kw = "sgd", {}
-            cfg = getattr(sel, "cfg", {}) or {}
-            self._engine = build_engine(self.model, opt, metric, comm=Comm(), projection_dim=cfg.get("projection_dim"),
-                                        projection=cfg.get("projection", "countsketch"),
-                                        projection_seed=int_seed(self.args.seed, "projection"),
-                                        micro_batch_size=self.args.per_device_train_batch_size, **kw)
+                needs = replace(needs, metric="sgd", aux_metrics=())
+            cfg = engine_config(self.engine_kwargs, self.args.per_device_train_batch_size)
+            try:
+                self._engine = build_engine(cfg, needs, self.model, opt, comm=Comm(),
+                                            projection_seed=int_seed(self.args.seed, "projection"))
+            except ValueError as e:  # the model or engine settings do not fit (e.g. a LoRA variant)
+                raise ConfigError(f"engine: {e}") from None
         return self._engine
 
     # ---- the step
@@ -279,7 +136,8 @@ class SelectionMixin:
         sup = (pool["labels"][:, 1:] != -100).any(1).cpu().numpy()
         if not sup.all():  # a row with no supervised token has no loss: never a candidate
             keep = np.flatnonzero(sup)
-            pool, rows = take_rows(pool, torch.as_tensor(keep, device=pool["input_ids"].device)), [rows[i] for i in keep]
+            pool = take_rows(pool, torch.as_tensor(keep, device=pool["input_ids"].device))
+            rows = [rows[i] for i in keep]
             self.selection_totals["unsupervised_rows"] += int((~sup).sum())
         n = len(rows)
         k = max(1, int(round(self.budget * n)))
@@ -305,11 +163,10 @@ class SelectionMixin:
         return torch.tensor(0.0 if loss is None else loss, device=self.args.device)
 
     def _row_losses(self, batch: dict) -> torch.Tensor:
-        mb = self.args.per_device_train_batch_size
-        n = batch["input_ids"].shape[0]
-        outs = [sequence_losses(self.model, take_rows(batch, torch.arange(s, min(s + mb, n), device=batch["input_ids"].device))).losses
-                for s in range(0, n, mb)]
-        return torch.cat(outs)
+        """Per-row losses of `batch`, a per-device batch at a time."""
+        mb, n, dev = self.args.per_device_train_batch_size, batch["input_ids"].shape[0], batch["input_ids"].device
+        parts = (take_rows(batch, torch.arange(s, min(s + mb, n), device=dev)) for s in range(0, n, mb))
+        return torch.cat([sequence_losses(self.model, part).losses for part in parts])
 
     def _update(self, need, pool, scores, idx, w) -> float | None:
         """Write the weighted update of rows `idx` into .grad; the mean weighted loss of those rows."""
@@ -455,7 +312,8 @@ class SelectionMixin:
             raise ConfigError(f"{folder} was written by selector={state['selector']} budget={state['budget']} "
                               f"seed={state['seed']}; this trainer has selector={self.selector.name} "
                               f"budget={self.budget} seed={self.args.seed}")
-        self.selection_totals, self._sources = collections.Counter(state["totals"]), collections.Counter(state["sources"])
+        self.selection_totals = collections.Counter(state["totals"])
+        self._sources = collections.Counter(state["sources"])
         if callable(getattr(self.selector, "load_state_dict", None)):
             self.selector.load_state_dict(state["selector_state"])
 
