@@ -269,7 +269,7 @@ def test_rows_without_id_are_named_by_index_and_pretokenized_rows_train(tmp_path
 
 def test_bad_selector_input_is_one_clear_error():
     from fwsel.errors import ConfigError
-    from fwsel.hf import build_selector
+    from fwsel.hf import build_selector, engine_config
 
     with pytest.raises(ConfigError, match="not one of fwsel's selector configs"):
         build_selector("nope")
@@ -278,6 +278,11 @@ def test_bad_selector_input_is_one_clear_error():
     with pytest.raises(ConfigError, match="geometry"):
         build_selector("ftw", {"geometry": "lbfgs"})
     assert build_selector("ftw_sgd").geometry == "sgd"  # a config built on another one
+    with pytest.raises(ConfigError, match="engine.grad_path must be one of"):
+        engine_config({"grad_path": "fast"}, 8)
+    with pytest.raises(ConfigError, match=r"engine_kwargs \['chunk'\] are not keys"):
+        engine_config({"chunk": 1}, 8)
+    assert engine_config({}, 8).micro_batch_size == 8  # scored a per-device batch at a time
 
 
 def test_a_non_adam_optimizer_scores_in_the_sgd_metric(tmp_path):
