@@ -297,3 +297,14 @@ def test_example_script_runs(tmp_path):
     res = EX.main([str(tmp_path), "--steps", "2"])
     assert res["eval_target_loss"] > 0 and sum(res["selected_per_source"].values()) > 0
     assert os.path.exists(tmp_path / "selected.jsonl")
+
+
+@pytest.mark.slow  # ~6 s: a Trainer per selector config
+def test_every_selector_config_runs_in_the_trainer(tmp_path):
+    """Each of fwsel's selector configs, one step on a pool of 8 (k = 2; full: 8)."""
+    names = sorted(p.stem for p in (ROOT / "conf" / "selector").glob("*.yaml"))
+    rows, target = EX.mixture(8)[0].to_list(), EX.mixture(1)[1].to_list()
+    for name in names:
+        selective(tmp_path / name, rows, target, selector=name, max_steps=1).train()
+        (step,) = read(tmp_path / name)
+        assert 0 < len(step["ids"]) <= (8 if name == "full" else 2), name
