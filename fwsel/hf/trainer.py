@@ -50,6 +50,9 @@ class SelectionMixin:
         if a.get("eval_dataset") is None and target_eval_dataset is not None:
             a["eval_dataset"] = target_eval_dataset
         super().__init__(*bound.args, **bound.kwargs)
+        if self.args.gradient_accumulation_steps > 1 and not hasattr(Trainer, "get_batch_samples"):
+            raise ConfigError("gradient_accumulation_steps > 1 needs transformers >= 4.46 (Trainer.get_batch_samples "
+                              "hands over a step's micro-batches together)")
         from transformers.data.data_collator import DataCollatorWithPadding, default_data_collator
 
         inner = self.data_collator
@@ -106,8 +109,8 @@ class SelectionMixin:
         return self._engine
 
     # ---- the step
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        samples, n_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+    def get_batch_samples(self, *args, **kwargs):
+        samples, n_items = super().get_batch_samples(*args, **kwargs)
         self._group = samples  # every micro-batch of the coming optimizer step: one pool
         return samples, n_items
 
