@@ -1,8 +1,8 @@
-"""`ftw`: Filter-then-Weight in the linearised AdamW geometry (METHOD sections 4-5).
+"""`ftw`: Filter-then-Weight in the linearised AdamW geometry (docs/method.md#update-matching, #filter-then-weight).
 
 Filter by OMP with NNLS refits on the scale-free update-matching problem (from `K`, `b`, `y2`
 alone), weight by the last refit, normalise to mean 1 with the order-preserving cap, fall back
-when the support is empty. Every METHOD section 7 choice is a constructor key (see
+when the support is empty. Every choice of docs/method.md#options-and-defaults is a constructor key (see
 `conf/selector/ftw.yaml`); how gradients are computed (exact or sketched) is the `engine:` group's.
 """
 
@@ -13,8 +13,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from fwsel.selectors.base import (EngineNeeds, Needs, Pool, Product, Selection, Selector, as_np, candidates, choice,
-                                  topk, uniform)
+from fwsel.selectors.base import (
+    EngineNeeds,
+    Needs,
+    Pool,
+    Product,
+    Selection,
+    Selector,
+    as_np,
+    candidates,
+    choice,
+    topk,
+    uniform,
+)
 from fwsel.selectors.omp import nnls_gram, omp, ridge_lambda
 from fwsel.selectors.scoring import greedy_interaction, less_scores
 from fwsel.selectors.weights import normalise_and_cap
@@ -124,11 +135,12 @@ class FTW(Selector):
         b1, lam, t = adam_constants(pool.optimizer)
         c, beta = (1 - b1) / (1 - b1 ** (t + 1)), b1 / (1 - b1 ** (t + 1))
         args = (pool.scores, indices, u, pool.lr * c, [beta / c, lam / c])
-        return {"fid_pred": adam_quadratic(*args, curvature=self.alpha), "fid_pred_linear": adam_quadratic(*args, curvature=0.0)}
+        return {"fid_pred": adam_quadratic(*args, curvature=self.alpha),
+                "fid_pred_linear": adam_quadratic(*args, curvature=0.0)}
 
     def problem(self, pool: Pool) -> tuple[np.ndarray, np.ndarray, float]:
         """`(K, b, y2)`; with `momentum_correction` the target is
-        `g_T/alpha - b1/(1-b1) m - lam (1-b1^(t+1))/(1-b1) D^-1 theta` (METHOD section 4)."""
+        `g_T/alpha - b1/(1-b1) m - lam (1-b1^(t+1))/(1-b1) D^-1 theta` (docs/method.md#update-matching)."""
         s = pool.scores
         K, B = as_np(s.K), as_np(s.b).reshape(len(s.K), -1)
         if not self.momentum_correction:
