@@ -1,7 +1,8 @@
 """CPU benchmark of the gradient engine. Not a test: prints a markdown table.
 
     python benchmarks/engine.py            # every size but llama full FT (about 10 min on 2 cores)
-    python benchmarks/engine.py --all      # ... and llama full FT (~3 min more)
+    python benchmarks/engine.py --all      # ... and llama full FT, LoRA with and without checkpointing (~6 min more)
+    python benchmarks/engine.py --cases llama-8x512-lora,llama-8x512-lora-ckpt   # checkpointing's memory
     python benchmarks/engine.py --quick    # tiny 16x128 and the wide config, fewer repeats (~3 min)
 
 Per case, arms on the same N + v rows (same dtype and attention, optimizer step left out):
@@ -54,9 +55,11 @@ CASES = {  # name: (config, setting, N, v, T, arms, heavy)
     "wide-16x16-full": ("wide", "full", 16, 8, 16, WIDE, False),
     "llama-16x1024-lora": ("llama", "lora", 16, 8, 1024, HEAVY, True),
     "llama-16x1024-full": ("llama", "full", 16, 8, 1024, HEAVY, True),
+    "llama-8x512-lora": ("llama", "lora", 8, 4, 512, HEAVY, True),  # with the next: checkpointing's memory saving
+    "llama-8x512-lora-ckpt": ("llama", "lora+ckpt", 8, 4, 512, HEAVY, True),
 }
 QUICK = ["tiny-16x128-lora", "tiny-16x128-full", "wide-16x16-full"]
-OPTIONAL = ["llama-16x1024-full"]  # ~3 min more: only with --all or --cases
+OPTIONAL = ["llama-16x1024-full", "llama-8x512-lora", "llama-8x512-lora-ckpt"]  # minutes more: only with --all or --cases
 QUICK_SKIP = {"wide-16x16-full": ("engine sgd materialize", "func")}  # slow, GBs of memory
 
 
@@ -75,7 +78,7 @@ def setup(name):
     cname, setting, N, v, T, _, _ = CASES[name]
     arms = arms_of(name)
     c = CONFIGS[cname]
-    model, opt = build(llama_config(**c, T=T), setting)
+    model, opt = build(llama_config(**c, T=T), setting.removesuffix("+ckpt"), checkpointing=setting.endswith("+ckpt"))
     pool, target = rows(N, T, c["vocab"], 1), rows(v, T, c["vocab"], 2)
     torch.manual_seed(0)
     return (model, opt), pool, target, max(N // 4, 1), arms
