@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
-from fwsel.data import build_data
+from fwsel.data import build_data, total_steps
 from fwsel.data.collate import Collator
 from fwsel.errors import FwselError
-from fwsel.evaluate import evaluate
+from fwsel.evaluate import evaluate, samples
 from fwsel import distributed, fidelity, grads
 from fwsel.grads.dist import build_engine
 from fwsel.grads.loss import sequence_losses
@@ -85,10 +85,11 @@ class Trainer:
         self.comm = distributed.comm()
         self.device = self.comm.device(cfg.device)
         self.k, self.N, self.v = int(cfg.batch_size), pool_size(cfg.batch_size, cfg.budget), int(cfg.target.batch_size)
-        self.steps, self.seed = int(cfg.steps), int(cfg.seed)
+        self.seed = int(cfg.seed)
         if self.N < self.comm.world:
             raise FwselError(f"the pool (N={self.N}) is smaller than the number of ranks ({self.comm.world})")
         self.data = build_data(cfg)
+        self.steps = total_steps(cfg.steps, self.data.stream, self.N)  # steps=null: the data's epochs
         self.selector = instantiate(cfg.selector, _convert_="all")
         self.selector.fidelity = bool(cfg.get("diagnostics", {}).get("fidelity", False))
         self.model, self.tokenizer = build_model(cfg, self.device)
@@ -244,8 +245,12 @@ class Trainer:
         return out, self.comm.gather_rows(mine, n)
 
     def eval_row(self) -> dict:
-        return evaluate(self.model, self.collate, self.data.eval, self.device, int(self.cfg.loss_chunk_tokens),
-                        comm=self.comm)
+        row = evaluate(self.model, self.collate, self.data.eval, self.device, int(self.cfg.loss_chunk_tokens),
+                       comm=self.comm)
+        n = int(self.cfg.get("eval_samples", 0) or 0)
+        if n and self.comm.is_main:  # a few greedy completions to read (no RNG drawn, no collective)
+            row["samples"] = samples(self.model, self.collate, self.data.eval, self.device, n)
+        return row
 
     def save_checkpoint(self) -> None:
         """Every rank joins (their RNG states go into rank 0's checkpoint); rank 0 writes."""
@@ -271,7 +276,7 @@ class Trainer:
         size = getattr(self.data.stream, "known_size", None)
         if size is not None and size < self.steps * self.N:
             log.warning("the stream holds %d rows, fewer than steps x N = %d: training stops when it runs out "
-                        "(status exhausted; a finite source is read once, there are no epochs)",
+                        "(status exhausted; raise data.epochs to read it again, or set steps=null)",
                         size, self.steps * self.N)
         if self.step == 0:
             first = {"step": 0, "examples_seen": 0, "examples_trained": 0, "tokens_trained": 0, "lr": None,
@@ -292,10 +297,7 @@ class Trainer:
                 status = "exhausted"
                 break
             if (t + 1) % int(cfg.eval_every) == 0 or t + 1 == self.steps:
-                row.update(self.eval_row())
-                log.info("step %d  train_loss %s  target_eval_loss %.4f  acc %.3f", t + 1,
-                         "-" if row["train_loss"] is None else f"{row['train_loss']:.4f}",
-                         row["target_eval_loss"], row["target_eval_acc"])
+                row.update(self.eval_row())  # the progress callback logs it
             self.writer.log_metrics(row)
             self.tracker.log(row, t + 1)
             self.writer.update_summary(steps_done=t + 1)
@@ -307,12 +309,25 @@ class Trainer:
             if self.checkpoints is not None and self.checkpoints.due(t + 1):
                 self.save_checkpoint()
         self.save_checkpoint()  # at the end, also when exhausted or interrupted
-        final = self.eval_row() if status == "exhausted" else {}
+        final = {}
+        if status == "exhausted" and (self.writer.last_eval or {}).get("step") != self.step:
+            final = self.final_eval()
         if self.cfg.get("save_model") and self.comm.is_main:
             from fwsel.hub import save_model
 
             final["model_dir"] = save_model(self.model, self.tokenizer, os.path.join(self.writer.dir, "model"))
         return {"status": status, **final, **self.counts()}
+
+    def final_eval(self) -> dict:
+        """Evaluate where the stream ran out and log it as that step's closing metrics row."""
+        row = {"step": self.step, "examples_seen": self.step * self.N,
+               "examples_trained": self.totals["examples_trained"], "tokens_trained": self.totals["tokens_trained"],
+               **self.eval_row()}
+        self.writer.log_metrics(row)
+        self.tracker.log(row, self.step)
+        if self.progress is not None:
+            self.progress(self.step, row)
+        return {k: v for k, v in row.items() if k.startswith("target_eval_")}
 
     def counts(self) -> dict:
         """Run totals for summary.json: non-finite rows and skipped steps, and the data stream's counts."""

@@ -23,17 +23,32 @@ def _clean(v):
     return v
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """All complete lines (a half-written last line from a killed run is ignored)."""
+FINISHED = ("ok", "exhausted")  # a job that ended by itself: its numbers count, re-running it changes nothing
+STATUSES = (*FINISHED, "failed", "interrupted", "running")  # what summary.json's `status` may say
+
+
+def read_jsonl(path, on_bad: str = "stop") -> list[dict]:
+    """The JSON objects of a JSONL file, one per line ([] when there is no file).
+
+    A line that does not parse is where a killed writer stopped: `on_bad="stop"` keeps what
+    came before it (resume cuts the file there), `"skip"` reads on past it (a reader that
+    only needs every row it can get, such as `fwsel compare`).
+    """
+    if on_bad not in ("stop", "skip"):
+        raise ValueError(f"on_bad must be stop|skip, got {on_bad!r}")
     if not os.path.exists(path):
         return []
     out = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
-                out.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                break
+                if on_bad == "stop":
+                    break
+                continue
+            if isinstance(row, dict):
+                out.append(row)
     return out
 
 
