@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
 from rich.console import Console
 from rich.table import Table
 
@@ -403,8 +402,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class CompareCallback(Callback):
-    """Runs `fwsel compare` on the sweep dir when a multirun ends (Hydra skips it if a job failed)."""
+class CompareCallback:
+    """Runs `fwsel compare` on the sweep dir when a multirun ends (Hydra skips it if a job failed).
+
+    Hydra calls every hook of a callback by name; the others are no-ops (`__getattr__`), so this
+    module need not import Hydra's base class (`fwsel compare --help` stays quick)."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = None

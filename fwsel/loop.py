@@ -285,6 +285,8 @@ class Trainer:
             self.writer.log_metrics(first)
             self.tracker.log(first, 0)
             self.writer.update_summary(target_eval_loss_initial=first["target_eval_loss"])
+            if self.progress is not None:
+                self.progress(0, first)
         status = "ok"
         for t in range(self.step, self.steps):
             if self.comm.agree(stop is not None and stop.requested):  # SIGINT/SIGTERM: between steps, all ranks

@@ -19,6 +19,7 @@ the buffer; its bias, if any, is still materialised.
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -59,10 +60,9 @@ def check_peft(model: nn.Module) -> None:
         kind = str(getattr(cfg, "peft_type", "LORA")).split(".")[-1]
         if kind != "LORA":
             raise ValueError(f"fwsel.grads supports only peft LoRA; adapter {name!r} is {kind}")
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # peft not installed: nothing to check
+    if "peft" not in sys.modules:  # never imported: the model holds no peft layer (saves its import)
         return
+    from peft.tuners.lora import LoraLayer
     for mname, m in model.named_modules():
         if not isinstance(m, LoraLayer):
             continue
