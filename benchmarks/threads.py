@@ -64,7 +64,7 @@ def main() -> None:
         try:
             for r in range(args.repeats):
                 for arm in ARMS:
-                    res.setdefault((cond, arm), []).append(run(arm, os.path.join(tmp, f"{cond}-{arm}-{r}")))
+                    res.setdefault((cond, arm), []).append(run(arm, os.path.join(tmp, f"{cond}-{arm}-{r}".replace(" ", "_").replace("=", ""))))
         finally:
             if spinner is not None:
                 spinner.terminate()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 
 from fwsel.errors import FwselError
 
@@ -27,29 +28,31 @@ FINISHED = ("ok", "exhausted")  # a job that ended by itself: its numbers count,
 STATUSES = (*FINISHED, "failed", "interrupted", "running")  # what summary.json's `status` may say
 
 
-def read_jsonl(path, on_bad: str = "stop") -> list[dict]:
-    """The JSON objects of a JSONL file, one per line ([] when there is no file).
+def iter_jsonl(path, on_bad: str = "stop") -> Iterator[dict]:
+    """The JSON objects of a JSONL file, one per line (nothing when there is no file).
 
-    A line that does not parse is where a killed writer stopped: `on_bad="stop"` keeps what
-    came before it (resume cuts the file there), `"skip"` reads on past it (a reader that
-    only needs every row it can get, such as `fwsel compare`).
+    A line that does not parse is where a killed writer stopped: `on_bad="stop"` ends there
+    (resume cuts the file at that point), `"skip"` reads on past it (readers that want every
+    row they can get: `fwsel compare`, `fwsel export-selection`).
     """
     if on_bad not in ("stop", "skip"):
         raise ValueError(f"on_bad must be stop|skip, got {on_bad!r}")
     if not os.path.exists(path):
-        return []
-    out = []
+        return
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 if on_bad == "stop":
-                    break
+                    return
                 continue
             if isinstance(row, dict):
-                out.append(row)
-    return out
+                yield row
+
+
+def read_jsonl(path, on_bad: str = "stop") -> list[dict]:
+    return list(iter_jsonl(path, on_bad))
 
 
 def write_error(path: str, e: OSError) -> FwselError:

@@ -8,8 +8,9 @@ step than one thread. So `fwsel train` sets, unless the user already did:
 * `OMP_NUM_THREADS` = the cores this process may use (`os.sched_getaffinity`) minus the
   other runnable tasks at start-up (`/proc/loadavg`), at least 1.
 
-The `threads=N` override (or `FWSEL_THREADS=N`) wins over the guess; an `OMP_NUM_THREADS`
-already in the environment is kept as it is. Nothing here imports torch.
+The `threads=N` override (or `FWSEL_THREADS=N`) wins over the guess, and `resume=<dir>` reuses
+the thread count that run recorded; an `OMP_NUM_THREADS` already in the environment is kept
+as it is (unless `threads=N` is given). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -47,9 +48,22 @@ def choose(requested=None) -> int:
 
 
 def requested_in(args: list[str]) -> str | None:
-    """The value of a `threads=` override, else FWSEL_THREADS, else None."""
+    """The value of a `threads=` override, else FWSEL_THREADS, else (with `resume=<dir>`) the
+    threads that run used (a different count may round differently: resume stays exact), else None."""
     vals = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == "threads"]
-    return vals[-1] if vals else os.environ.get("FWSEL_THREADS")
+    if vals or os.environ.get("FWSEL_THREADS"):
+        return vals[-1] if vals else os.environ.get("FWSEL_THREADS")
+    resume = [a.split("=", 1)[1].strip("'\"") for a in args if a.split("=", 1)[0] == "resume"]
+    if resume:
+        import json
+
+        try:
+            with open(os.path.join(os.path.expanduser(resume[-1]), "summary.json"), encoding="utf-8") as f:
+                n = json.load(f).get("threads")
+            return str(n) if isinstance(n, int) and n >= 1 else None
+        except (OSError, ValueError):
+            return None
+    return None
 
 
 def configure(args: list[str], env=os.environ) -> dict:
@@ -58,7 +72,8 @@ def configure(args: list[str], env=os.environ) -> dict:
     if "OMP_WAIT_POLICY" not in env:
         out["OMP_WAIT_POLICY"] = "PASSIVE"
     req = requested_in(args)
-    if req not in (None, "auto", "") or "OMP_NUM_THREADS" not in env:
+    explicit = any(a.split("=", 1)[0].lstrip("+") == "threads" for a in args) or bool(os.environ.get("FWSEL_THREADS"))
+    if (explicit and req not in (None, "auto", "")) or "OMP_NUM_THREADS" not in env:  # else the user's env stands
         out["OMP_NUM_THREADS"] = str(choose(req))
     env.update(out)
     return out

@@ -125,6 +125,18 @@ def test_threads_respect_the_user_and_default_to_passive():
     assert env["OMP_NUM_THREADS"] == "2"  # an explicit threads= wins
     with pytest.raises(ConfigError, match="threads must be auto or an integer >= 1"):
         threads.configure(["threads=0"], {})
+    run = Path(__file__).parent / "no-such-run"
+    assert threads.requested_in([f"resume={run}"]) is None
+
+
+def test_resume_reuses_the_runs_thread_count(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"threads": 3}))
+    env = {}
+    threads.configure([f"resume={tmp_path}"], env)
+    assert env["OMP_NUM_THREADS"] == "3"  # another count may round differently: resume stays exact
+    env = {"OMP_NUM_THREADS": "1"}
+    threads.configure([f"resume={tmp_path}"], env)
+    assert env["OMP_NUM_THREADS"] == "1"
 
 
 def test_threads_leave_the_busy_cores(monkeypatch):
