@@ -64,7 +64,8 @@ def main() -> None:
         try:
             for r in range(args.repeats):
                 for arm in ARMS:
-                    res.setdefault((cond, arm), []).append(run(arm, os.path.join(tmp, f"{cond}-{arm}-{r}".replace(" ", "_").replace("=", ""))))
+                    name = f"{cond}-{arm}-{r}".replace(" ", "_").replace("=", "")  # Hydra: no '=' in a path
+                    res.setdefault((cond, arm), []).append(run(arm, os.path.join(tmp, name)))
         finally:
             if spinner is not None:
                 spinner.terminate()

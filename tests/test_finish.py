@@ -203,3 +203,20 @@ def test_sweep_lines_carry_the_job_tag(tmp_path, capsys):
     assert code == 0
     for seed in (0, 1):
         assert re.search(rf"\[[^\]]*seed-{seed}[^\]]*\] step 2/2", text)
+
+
+def test_wandb_gets_the_samples_as_a_table():
+    import types
+
+    import wandb
+
+    from fwsel.tracking import WandbTracker
+
+    logged = []
+    tracker = WandbTracker.__new__(WandbTracker)  # no wandb.init: only what log() hands to the run
+    tracker.run = types.SimpleNamespace(log=lambda row, step: logged.append(row))
+    sample = {"id": "t:1", "prompt": "1+1=", "reference": "2", "completion": "3"}
+    tracker.log({"step": 4, "target_eval_loss": 1.5, "samples": [sample]}, 4)
+    table = logged[0]["samples"]
+    assert isinstance(table, wandb.Table) and table.data == [[4, "t:1", "1+1=", "2", "3"]]
+    assert logged[0]["target_eval_loss"] == 1.5
