@@ -54,11 +54,16 @@ def main() -> None:
     try:
         old = unpack(args.before, os.path.join(tmp, "before"))
         os.makedirs(os.path.join(tmp, "runs"))
+        run = os.path.join(tmp, "runs", "one")  # a finished run for compare and export to read
+        timed(["train", "experiment=smoke", "steps=2", "eval_every=2", "selector=random", f"hydra.run.dir={run}"],
+              None, tmp)
         commands = {
             "fwsel --help": ["--help"],
             "fwsel train --help": ["train", "--help"],
             "fwsel compare --help": ["compare", "--help"],
+            "fwsel compare <run dir>": ["compare", run, "--out", os.path.join(tmp, "cmp")],
             "fwsel export-selection --help": ["export-selection", "--help"],
+            "fwsel export-selection <run>": ["export-selection", run, "--out", os.path.join(tmp, "sel.jsonl")],
             "default run, 1 step (smoke)": ["train", "experiment=smoke", "steps=1", "eval_every=1",
                                             "target.eval_size=16", "progress=false"],
         }
