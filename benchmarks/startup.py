@@ -71,8 +71,8 @@ def main() -> None:
         for r in range(args.repeats):
             for name, cmd in commands.items():
                 for arm, path in (("before", old), ("after", None)):
-                    extra = [f"hydra.run.dir={tmp}/runs/{arm}-{r}-{len(res)}"] if cmd[0] == "train" and "--help" not in cmd \
-                        else []
+                    runs = cmd[0] == "train" and "--help" not in cmd
+                    extra = [f"hydra.run.dir={tmp}/runs/{arm}-{r}-{len(res)}"] if runs else []
                     wall, heavy = timed([*cmd, *extra], path, tmp)
                     res.setdefault((name, arm), []).append((wall, heavy))
         print(f"start-up wall time, median of {args.repeats} (arms interleaved; before = {args.before}, "

@@ -138,7 +138,8 @@ def resume_argv(rest: list[str]) -> list[str]:
     run_dir = os.path.abspath(os.path.expanduser(given[-1].split("=", 1)[1].strip("'\"")))
     flags = [a for a in rest if a.startswith("-") or "=" not in a]
     if "-m" in flags or "--multirun" in flags:
-        raise FwselError("resume= continues one run; to resume a sweep re-run its command with the same hydra.sweep.dir")
+        raise FwselError("resume= continues one run; to resume a sweep re-run its command with the same "
+                         "hydra.sweep.dir")
     path = os.path.join(run_dir, ".hydra", "overrides.yaml")
     if not os.path.isfile(path):
         raise FwselError(f"resume={run_dir}: not a fwsel run dir (no .hydra/overrides.yaml)")
@@ -148,7 +149,8 @@ def resume_argv(rest: list[str]) -> list[str]:
     bad = sorted({override_key(a) for a in extras if not safe(override_key(a)) and a not in saved})
     if bad:
         raise FwselError(f"resume={run_dir}: refusing overrides that would change the run: {', '.join(bad)} "
-                         f"(allowed with resume=: {', '.join(k for k in RESUME_SAFE if k != 'resume')}, hydra logging); "
+                         f"(allowed with resume=: {', '.join(k for k in RESUME_SAFE if k != 'resume')}, "
+                         f"hydra logging); "
                          f"start a new run to change them")
     over = {override_key(a) for a in extras}
     return [*[o for o in saved if override_key(o) not in over], *extras, f"resume={_quote(run_dir)}",

@@ -40,7 +40,8 @@ LAST_EVALS = 3  # random's final loss = mean of its last this-many evals
 # keys that do not change the numbers compared (besides the table's own axes: selector, budget, seed)
 NOT_A_VARIANT = ("seed", "budget", "selector.name", "resume", "progress", "tracker", "checkpoint_every",
                  "checkpoint_keep", "max_bad_steps", "save_model", "threads", "eval_samples", "device",
-                 "micro_batch_size", "loss_chunk_tokens", "diagnostics")
+                 "micro_batch_size", "loss_chunk_tokens", "engine.micro_batch_size", "engine.loss_chunk_tokens",
+                 "diagnostics")
 
 
 class CompareError(Exception):

@@ -90,9 +90,9 @@ def samples(model, collate, rows: list[dict], device, n: int) -> list[dict]:
                 if not prompt:  # a `text` row: nothing to complete from
                     continue
                 ids = torch.tensor([(head + prompt)[-(collate.max_len - 1):]], device=device)
+                pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
                 gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=min(SAMPLE_TOKENS, len(ref) + 4),
-                                     pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+                                     max_new_tokens=min(SAMPLE_TOKENS, len(ref) + 4), pad_token_id=pad)
                 new = gen[0, ids.shape[1]:].tolist()
                 out.append({"id": row["id"], "prompt": tok.decode(prompt, skip_special_tokens=True)[-200:],
                             "reference": tok.decode(ref, skip_special_tokens=True),

@@ -7,7 +7,6 @@ generator, so evaluation, resume and rank sharding never shift another stream.
 from __future__ import annotations
 
 import zlib
-
 from typing import TYPE_CHECKING
 
 import numpy as np

@@ -63,10 +63,12 @@ class Progress:
         self.enabled = distributed.comm().is_main
         if self.enabled and (mode == "true" or (mode == "auto" and sys.stderr.isatty()
                                                 and HydraConfig.get().mode != RunMode.MULTIRUN)):
-            from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
 
-            self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                           TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(),
+                           TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                           TimeRemainingColumn())
             self.bar.start()
             self.task = self.bar.add_task(self.name, total=steps, completed=start, info="")
 
@@ -86,7 +88,7 @@ class Progress:
         if row.get("target_eval_loss") is not None:
             log.info("step %d/%d  train_loss %s  target_eval_loss %.4f  acc %.3f%s", step, self.steps,
                      "-" if loss is None else f"{loss:.4f}", row["target_eval_loss"], row["target_eval_acc"],
-                     self.timing(step, eta="sec_step" in row))  # the closing eval of a used-up stream: no ETA
+                     self.timing(step, eta=row.get("sec_step") is not None))  # a closing eval: no ETA
             for s in row.get("samples") or []:
                 log.info("  sample %s: %r -> %r (reference %r)", s["id"], s["prompt"][-60:], s["completion"],
                          s["reference"])

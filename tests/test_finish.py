@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers_runs import FAST, read_run, run_cli, signal_after, train, untimed
 
 from fwsel import threads
 from fwsel.cli import check_keys
 from fwsel.data.files import FileReader, IterStream
 from fwsel.errors import ConfigError, DataError
+
+from helpers_runs import FAST, read_run, run_cli, signal_after, train, untimed
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

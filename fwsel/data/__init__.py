@@ -2,9 +2,9 @@
 
 `build_data(cfg)` returns a `Data` with `stream.pool(t, n)` (rows of step t), `select` and
 `eval` rows. A finite source is read `data.epochs` times, reshuffled per epoch;
-`total_steps` turns `steps: null` into the pools those epochs hold. Every row is a dict with `id`, `source` and text fields (`prompt`/`response`,
-`text` or `messages`; see `fwsel.data.formats`). `lookup_rows(cfg, ids)` turns stable ids
-back into rows (for export).
+`total_steps` turns `steps: null` into the pools those epochs hold. Every row is a dict with
+`id`, `source` and text fields (`prompt`/`response`, `text` or `messages`; see
+`fwsel.data.formats`). `lookup_rows(cfg, ids)` turns stable ids back into rows (for export).
 
 Target sets: `data.target_files` (jsonl) or `data.target_split` (hf), or, with
 `target.from_stream=M`, the first M rows of source `data.target_source` (null: any source)
@@ -115,8 +115,7 @@ def build_data(cfg) -> Data:
             raise ConfigError("target.from_stream applies to data=jsonl|hf (the embedded stream has its own target)")
         stream, split = synthetic(cfg)
         return Data(stream, split.select, split.eval)
-    if d.kind not in ("jsonl", "hf"):
-        raise ConfigError(f"data.kind must be one of synthetic|jsonl|hf, got {d.kind!r}")
+    # data.kind is synthetic|jsonl|hf (fwsel.config.validate)
     reader, target, size = _readers(cfg)
     m = t.get("from_stream")
     if m:
@@ -133,15 +132,8 @@ def build_data(cfg) -> Data:
         target_rows = list(target)
     select, evals = split_target(target_rows, t)
     stream = IterStream(reader, int(cfg.seed), int(d.get("shuffle_buffer", 0) or 0), size, d.get("on_error", "raise"),
-                        epochs=epochs(d))
+                        epochs=int(d.get("epochs", 1)))  # checked by fwsel.config
     return Data(stream, select, evals)
-
-
-def epochs(d) -> int:
-    n = d.get("epochs", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"data.epochs must be an integer >= 1, got {n!r}")
-    return n
 
 
 def total_steps(steps, stream, pool: int) -> int:
