@@ -404,15 +404,13 @@ class Trainer:
         return {"status": status, **final, **self.counts()}
 
     def final_eval(self) -> dict:
-        """Evaluate where the stream ran out and log it as that step's closing metrics row."""
-        row = {**vars(StepRow(step=self.step, examples_seen=self.step * self.N,
-                              examples_trained=self.totals["examples_trained"],
-                              tokens_trained=self.totals["tokens_trained"])), **self.eval_row()}
-        self.writer.log_metrics(row)
-        self.tracker.log(row, self.step)
+        """Evaluate where the stream ran out; the evaluation joins that step's metrics row."""
+        ev = self.eval_row()
+        row = self.writer.add_to_last_metrics(ev)
+        self.tracker.log(ev, self.step)
         if self.progress is not None:
-            self.progress(self.step, row)
-        return {k: v for k, v in row.items() if k.startswith("target_eval_")}
+            self.progress(self.step, {**row, "sec_step": None})  # no ETA: the run is over
+        return {k: v for k, v in ev.items() if k.startswith("target_eval_")}
 
     def counts(self) -> dict:
         """Run totals for summary.json: non-finite rows and skipped steps, and the data stream's counts."""

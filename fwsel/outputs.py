@@ -61,8 +61,12 @@ def write_error(path: str, e: OSError) -> FwselError:
 
 
 class JsonlLog:
+    """An append-only JSONL file, flushed line by line; the last line can be amended once more."""
+
     def __init__(self, path: str) -> None:
         self.path = path
+        self.last: dict | None = None  # the last line written, and where it starts
+        self._last_at: int | None = None
         try:
             self._f = open(path, "a", encoding="utf-8")
         except OSError as e:
@@ -70,18 +74,35 @@ class JsonlLog:
 
     def write(self, row: dict) -> None:
         try:
+            at = self._f.tell()
             self._f.write(json.dumps(_clean(row)) + "\n")
             self._f.flush()
         except OSError as e:  # what was flushed before stays readable, line by line
             raise write_error(self.path, e) from None
+        self.last, self._last_at = _clean(row), at
+
+    def amend_last(self, fields: dict) -> dict:
+        """Rewrite the last line with `fields` added (the closing evaluation of a step already logged)."""
+        if self.last is None:
+            raise FwselError(f"{self.path}: no line to amend")
+        row = {**self.last, **_clean(fields)}
+        try:
+            self._f.truncate(self._last_at)
+        except OSError as e:
+            raise write_error(self.path, e) from None
+        self.write(row)
+        return row
 
     def truncate_to(self, step: int) -> list[dict]:
         """Keep rows with step <= `step` (resume); drops a half-written last line. Returns them."""
         self._f.close()
         rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
         with open(self.path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+            f.writelines(json.dumps(r) + "\n" for r in rows[:-1])
         self._f = open(self.path, "a", encoding="utf-8")
+        self.last = None
+        if rows:
+            self.write(rows[-1])
         return rows
 
     def close(self) -> None:
@@ -98,6 +119,7 @@ class RunWriter:
         self.dir, self.enabled = run_dir, enabled
         self.summary: dict = {}
         self.last_eval: dict | None = None  # the newest metrics row with an evaluation
+        self.last_row: dict | None = None  # the newest metrics row
         if enabled:
             try:
                 os.makedirs(run_dir, exist_ok=True)
@@ -107,10 +129,21 @@ class RunWriter:
             self.selected = JsonlLog(os.path.join(run_dir, "selected.jsonl"))
 
     def log_metrics(self, row: dict) -> None:
+        self.last_row = _clean(row)
         if "target_eval_acc" in row:
-            self.last_eval = _clean(row)
+            self.last_eval = self.last_row
         if self.enabled:
             self.metrics.write(row)
+
+    def add_to_last_metrics(self, fields: dict) -> dict:
+        """The newest metrics row with `fields` added, rewritten in place (one line per step stays true)."""
+        row = {**(self.last_row or {}), **_clean(fields)}
+        if self.enabled:
+            row = self.metrics.amend_last(fields)
+        self.last_row = row
+        if "target_eval_acc" in row:
+            self.last_eval = row
+        return row
 
     def log_selection(self, step: int, ids: list[str], weights) -> None:
         if self.enabled:
@@ -119,8 +152,10 @@ class RunWriter:
     def truncate_to(self, step: int) -> None:
         """Cut metrics and selections back to `step` (resume); -1 empties both."""
         if self.enabled:
-            evals = [r for r in self.metrics.truncate_to(step) if "target_eval_acc" in r]
+            rows = self.metrics.truncate_to(step)
+            evals = [r for r in rows if "target_eval_acc" in r]
             self.last_eval = evals[-1] if evals else None
+            self.last_row = rows[-1] if rows else None
             self.selected.truncate_to(step)
 
     def load_summary(self) -> dict:

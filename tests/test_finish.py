@@ -31,7 +31,8 @@ def test_exhausted_run_reports_its_final_eval(tmp_path):
     run = train(tmp_path / "run", *FAST, "data=jsonl", f"data.files={f}", f"data.target_files={f}",
                 "selector=random", "steps=10", "eval_every=3")
     evals = [r for r in run["metrics"] if "target_eval_loss" in r]
-    assert [r["step"] for r in evals] == [0, 3, 4]  # the closing eval at the step the stream ran out
+    assert [r["step"] for r in evals] == [0, 3, 4]  # the closing eval joins the row of the step it ran out at
+    assert [r["step"] for r in run["metrics"]] == [0, 1, 2, 3, 4] and evals[-1]["train_loss"] is not None
     s = run["summary"]
     assert s["status"] == "exhausted" and s["steps_done"] == 4
     assert s["target_eval_loss"] == evals[-1]["target_eval_loss"] != evals[-2]["target_eval_loss"]
@@ -109,7 +110,7 @@ def test_every_readme_command_uses_declared_keys():
         for cmd in block.replace("\\\n", " ").splitlines():
             if "fwsel train" in cmd:
                 tail = cmd.split("fwsel train", 1)[1].split("#", 1)[0]
-                args += [a for a in tail.split() if "=" in a and "<" not in a and not a.startswith("--")]
+                args += [a.strip("'\"") for a in tail.split() if "=" in a and "<" not in a and not a.startswith("--")]
     assert len(args) > 20
     check_keys(args)
 
