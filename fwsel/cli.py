@@ -8,6 +8,7 @@ rewrites the argv (torchrun, `resume=`) and refuses keys no config declares.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -178,6 +179,25 @@ def check_output_dir(args: list[str]) -> None:
             and os.path.getsize(metrics) > 0:  # never append to (or rewrite the .hydra/ of) another run
         raise FwselError(f"{probe} already holds a run: continue it with `fwsel train resume={probe}` "
                          f"or choose a new hydra.run.dir")
+
+
+# ---------------------------------------------------------------- the console's log handler
+def console_handler(**rich_kwargs):
+    """rich's handler on a terminal; off one (a pipe, a file, a job scheduler's log) one plain line
+    per record with time and level, so a line is never wrapped at 80 columns and greps whole."""
+    if sys.stdout.isatty():  # rich's console writes to stdout
+        from rich.logging import RichHandler
+
+        return RichHandler(**rich_kwargs)
+    return PlainHandler(sys.stdout)
+
+
+class PlainHandler(logging.StreamHandler):
+    def format(self, record) -> str:
+        import time
+
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        return f"[{stamp}] {record.levelname:<7} {super().format(record)}"
 
 
 # ---------------------------------------------------------------- the command line under torchrun

@@ -222,3 +222,15 @@ def test_wandb_gets_the_samples_as_a_table():
     table = logged[0]["samples"]
     assert isinstance(table, wandb.Table) and table.data == [[4, "t:1", "1+1=", "2", "3"]]
     assert logged[0]["target_eval_loss"] == 1.5
+
+
+def test_off_a_terminal_each_log_record_is_one_plain_line(monkeypatch, capsys):
+    import logging
+
+    from fwsel.cli import PlainHandler, console_handler
+
+    handler = console_handler(show_path=False, markup=False)  # pytest's stdout is no terminal
+    assert isinstance(handler, PlainHandler)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    record = logging.LogRecord("fwsel", logging.INFO, __file__, 1, "step 2/4  " + "x" * 150, None, None)
+    assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] INFO    step 2/4  x{150}", handler.format(record))
