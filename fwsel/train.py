@@ -309,13 +309,23 @@ def final_line(summary: dict, run_dir: str) -> str:
 
 @hydra.main(version_base="1.3", config_path="pkg://fwsel.conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    tag = JobTag(hc.job.override_dirname or f"job {hc.job.num}") if hc.mode == RunMode.MULTIRUN else None
+    handlers = logging.getLogger().handlers if tag else []
+    for h in handlers:
+        h.addFilter(tag)
+    try:
+        job(cfg, hc)
+    finally:
+        for h in handlers:
+            h.removeFilter(tag)
+
+
+def job(cfg: DictConfig, hc) -> None:
+    """One job: skip it if finished, else validate, train (or resume) and report; exit codes for the CLI."""
     from fwsel.config import validate
 
-    hc = HydraConfig.get()
     run_dir, multirun = hc.runtime.output_dir, hc.mode == RunMode.MULTIRUN
-    tag = JobTag(hc.job.override_dirname or f"job {hc.job.num}") if multirun else None
-    for h in logging.getLogger().handlers if tag else ():
-        h.addFilter(tag)
     state = None  # "new" only once job_state found nothing there: only then may a failure remove the dir
     try:
         if cfg.resume and os.path.abspath(str(cfg.resume)) != os.path.abspath(run_dir):
@@ -341,9 +351,6 @@ def main(cfg: DictConfig) -> None:
         log.error("interrupted: the step in progress was abandoned; the last checkpoint is intact; "
                   "continue with: fwsel train resume=%s", run_dir)
         sys.exit(130)
-    finally:
-        for h in logging.getLogger().handlers if tag else ():
-            h.removeFilter(tag)
     if summary["status"] == "interrupted":
         sys.exit(128 + signal.Signals[summary["signal"]].value)  # 130 SIGINT, 143 SIGTERM; stops a sweep too
     if not distributed.comm().is_main:

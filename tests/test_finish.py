@@ -205,6 +205,7 @@ def test_sweep_lines_carry_the_job_tag(tmp_path, capsys):
     assert code == 0
     for seed in (0, 1):
         assert re.search(rf"\[[^\]]*seed-{seed}[^\]]*\] step 2/2", text)
+        assert re.search(rf"\[[^\]]*seed-{seed}[^\]]*\] done: status ok", text)
 
 
 def test_wandb_gets_the_samples_as_a_table():
