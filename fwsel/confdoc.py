@@ -107,12 +107,12 @@ def unknown(key: str, keys: list[Key], groups_: dict) -> str | None:
 
 
 def _group_choices(args: list[str], conf: Path) -> dict[str, str]:
-    chosen = defaults(conf)
-    for a in args:
-        k, _, v = a.partition("=")
-        k = k.lstrip("+")
-        if v and k in groups(conf):
-            chosen[k] = v
+    from fwsel.cli import override_key, overrides
+
+    chosen, known = defaults(conf), groups(conf)
+    for a in overrides(args):
+        if override_key(a) in known:
+            chosen[override_key(a)] = a.split("=", 1)[1]
     return chosen
 
 

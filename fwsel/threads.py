@@ -47,13 +47,19 @@ def choose(requested=None) -> int:
     return max(1, min(cores, cores - busy_cores()))
 
 
+def _values(args: list[str], key: str) -> list[str]:
+    from fwsel.cli import override_key, overrides
+
+    return [a.split("=", 1)[1].strip("'\"") for a in overrides(args) if override_key(a) == key]
+
+
 def requested_in(args: list[str]) -> str | None:
     """The value of a `threads=` override, else FWSEL_THREADS, else (with `resume=<dir>`) the
     threads that run used (a different count may round differently: resume stays exact), else None."""
-    vals = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == "threads"]
+    vals = _values(args, "threads")
     if vals or os.environ.get("FWSEL_THREADS"):
         return vals[-1] if vals else os.environ.get("FWSEL_THREADS")
-    resume = [a.split("=", 1)[1].strip("'\"") for a in args if a.split("=", 1)[0] == "resume"]
+    resume = _values(args, "resume")
     if resume:
         import json
 
@@ -72,7 +78,7 @@ def configure(args: list[str], env=os.environ) -> dict:
     if "OMP_WAIT_POLICY" not in env:
         out["OMP_WAIT_POLICY"] = "PASSIVE"
     req = requested_in(args)
-    explicit = any(a.split("=", 1)[0].lstrip("+") == "threads" for a in args) or bool(os.environ.get("FWSEL_THREADS"))
+    explicit = bool(_values(args, "threads") or os.environ.get("FWSEL_THREADS"))
     if (explicit and req not in (None, "auto", "")) or "OMP_NUM_THREADS" not in env:  # else the user's env stands
         out["OMP_NUM_THREADS"] = str(choose(req))
     env.update(out)
