@@ -190,12 +190,12 @@ def run(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
     writer = RunWriter(run_dir, enabled=comm.is_main)  # under torchrun only rank 0 writes
     previous = writer.load_summary() if resume else {}
     _save_config(cfg, run_dir)
+    if cfg.get("threads", "auto") != "auto":  # `fwsel train` set OMP_NUM_THREADS to it already; a direct call did not
+        torch.set_num_threads(int(cfg.threads))
     start = time.time()
     writer.update_summary(**start_fields(cfg, run_dir, previous))
     tracker, trainer, progress, result = None, None, None, {}
     try:
-        if cfg.get("threads", "auto") != "auto":
-            torch.set_num_threads(int(cfg.threads))
         tracker = build_tracker(cfg, OmegaConf.to_container(cfg, resolve=True), run_dir, rank=comm.rank,
                                 run_id=writer.summary.get("wandb_run_id"))
         if getattr(tracker, "run_id", None):
