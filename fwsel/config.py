@@ -22,7 +22,12 @@ def validate(cfg) -> None:
            f"budget must be in (0, 1], got {cfg.budget!r}")
     for key in ("batch_size", "steps", "eval_every", "checkpoint_keep", "max_bad_steps"):
         v = cfg[key]
+        if key == "steps" and v is None:  # until the data is used up (fwsel.data.total_steps)
+            continue
         _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{key} must be an integer >= 1, got {v!r}")
+    epochs = cfg.data.get("epochs", 1)
+    _check(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1,
+           f"data.epochs must be an integer >= 1, got {epochs!r}")
     every = cfg.checkpoint_every
     _check(every is None or (isinstance(every, int) and not isinstance(every, bool) and every >= 1),
            f"checkpoint_every must be null or an integer >= 1, got {cfg.checkpoint_every!r}")

@@ -26,10 +26,10 @@ import torch
 
 from fwsel import distributed, fidelity, grads
 from fwsel.config import build_selector
-from fwsel.data import build_data
+from fwsel.data import build_data, total_steps
 from fwsel.data.collate import Collator
 from fwsel.errors import ConfigError, FwselError
-from fwsel.evaluate import evaluate
+from fwsel.evaluate import evaluate, samples
 from fwsel.grads.dist import build_engine
 from fwsel.grads.loss import sequence_losses
 from fwsel.grads.prefilter import head_alignment
@@ -151,13 +151,14 @@ class Trainer:
         self.comm = distributed.comm()
         self.device = self.comm.device(cfg.device)
         self.k, self.N, self.v = int(cfg.batch_size), pool_size(cfg.batch_size, cfg.budget), int(cfg.target.batch_size)
-        self.steps, self.seed = int(cfg.steps), int(cfg.seed)
+        self.seed = int(cfg.seed)
         if self.N < self.comm.world:
             raise FwselError(f"the pool (N={self.N}) is smaller than the number of ranks ({self.comm.world})")
         keep = cfg.selector.get("prefilter_keep")
         if keep is not None and not (isinstance(keep, (int, float)) and 0 < keep <= 1):
             raise ConfigError(f"selector.prefilter_keep must be null or a fraction in (0, 1], got {keep!r}")
         self.data = build_data(cfg)
+        self.steps = total_steps(cfg.steps, self.data.stream, self.N)  # steps=null: the data's epochs
         self.selector = build_selector(cfg.selector)
         self.selector.fidelity = bool(cfg.get("diagnostics", {}).get("fidelity", False))
         self.model, self.tokenizer = build_model(cfg, self.device)
@@ -348,8 +349,12 @@ class Trainer:
         return out, self.comm.gather_rows(mine, n)
 
     def eval_row(self) -> dict:
-        return evaluate(self.model, self.collate, self.data.eval, self.device, int(self.cfg.engine.loss_chunk_tokens),
-                        comm=self.comm)
+        row = evaluate(self.model, self.collate, self.data.eval, self.device, int(self.cfg.engine.loss_chunk_tokens),
+                       comm=self.comm)
+        n = int(self.cfg.get("eval_samples", 0) or 0)
+        if n and self.comm.is_main:  # a few greedy completions to read (no RNG drawn, no collective)
+            row["samples"] = samples(self.model, self.collate, self.data.eval, self.device, n)
+        return row
 
     def save_checkpoint(self) -> None:
         """Every rank joins (their RNG states go into rank 0's checkpoint); rank 0 writes."""
@@ -375,13 +380,15 @@ class Trainer:
         size = getattr(self.data.stream, "known_size", None)
         if size is not None and size < self.steps * self.N:
             log.warning("the stream holds %d rows, fewer than steps x N = %d: training stops when it runs out "
-                        "(status exhausted; a finite source is read once, there are no epochs)",
+                        "(status exhausted; raise data.epochs to read it again, or set steps=null)",
                         size, self.steps * self.N)
         if self.step == 0:
             first = {**vars(StepRow(step=0)), **self.eval_row()}
             self.writer.log_metrics(first)
             self.tracker.log(first, 0)
             self.writer.update_summary(target_eval_loss_initial=first["target_eval_loss"])
+            if self.progress is not None:
+                self.progress(0, first)
         status = "ok"
         for t in range(self.step, self.steps):
             if self.comm.agree(stop is not None and stop.requested):  # SIGINT/SIGTERM: between steps, all ranks
@@ -394,10 +401,7 @@ class Trainer:
                 status = "exhausted"
                 break
             if (t + 1) % int(cfg.eval_every) == 0 or t + 1 == self.steps:
-                row.update(self.eval_row())
-                log.info("step %d  train_loss %s  target_eval_loss %.4f  acc %.3f", t + 1,
-                         "-" if row["train_loss"] is None else f"{row['train_loss']:.4f}",
-                         row["target_eval_loss"], row["target_eval_acc"])
+                row.update(self.eval_row())  # the progress callback logs it
             self.writer.log_metrics(row)
             self.tracker.log(row, t + 1)
             self.writer.update_summary(steps_done=t + 1)
@@ -409,12 +413,23 @@ class Trainer:
             if self.checkpoints is not None and self.checkpoints.due(t + 1):
                 self.save_checkpoint()
         self.save_checkpoint()  # at the end, also when exhausted or interrupted
-        final = self.eval_row() if status == "exhausted" else {}
+        final = {}
+        if status == "exhausted" and (self.writer.last_eval or {}).get("step") != self.step:
+            final = self.final_eval()
         if self.cfg.get("save_model") and self.comm.is_main:
             from fwsel.hub import save_model
 
             final["model_dir"] = save_model(self.model, self.tokenizer, os.path.join(self.writer.dir, "model"))
         return {"status": status, **final, **self.counts()}
+
+    def final_eval(self) -> dict:
+        """Evaluate where the stream ran out; the evaluation joins that step's metrics row."""
+        ev = self.eval_row()
+        row = self.writer.add_to_last_metrics(ev)
+        self.tracker.log(ev, self.step)
+        if self.progress is not None:
+            self.progress(self.step, {**row, "sec_step": None})  # no ETA: the run is over
+        return {k: v for k, v in ev.items() if k.startswith("target_eval_")}
 
     def counts(self) -> dict:
         """Run totals for summary.json: non-finite rows and skipped steps, and the data stream's counts."""

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fwsel import distributed
-from fwsel.distributed import Comm, rank_args, run_dir_args
+from fwsel.cli import rank_args, run_dir_args
+from fwsel.distributed import Comm
 from fwsel.errors import FwselError
 from fwsel.grads import GradEngine
 from fwsel.grads.dist import ShardedEngine, build_engine

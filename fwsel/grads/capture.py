@@ -19,6 +19,7 @@ the buffer; its bias, if any, is still materialised.
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -54,10 +55,10 @@ class Site:
 
 def lora_layers(model: nn.Module) -> list:
     """(name, module) of every peft LoraLayer in the model (none without peft)."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # peft not installed
+    if "peft" not in sys.modules:  # never imported: the model holds no peft layer (saves its import)
         return []
+    from peft.tuners.lora import LoraLayer
+
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
