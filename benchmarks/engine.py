@@ -43,7 +43,8 @@ HEAVY = {"plain": ("plain", {}), "engine adam": ("engine", {"metric": "adam"})}
 WIDE = {"plain": ("plain", {}),
         "engine sgd auto(token Gram)": ("engine", {"metric": "sgd"}),
         "engine adam state ghost(rank-1)": ("engine", {"metric": "adam", "adam_q": "state", "grad_path": "ghost"}),
-        "engine adam state ghost(rank-1, rank-1 b)": ("engine", {"metric": "adam", "adam_q": "state", "grad_path": "ghost",
+        "engine adam state ghost(rank-1, rank-1 b)": ("engine", {"metric": "adam", "adam_q": "state",
+                                                               "grad_path": "ghost",
                                                                "ghost_b": "rank1"}),
         "engine sgd materialize": ("engine", {"metric": "sgd", "grad_path": "materialize"}),
         "func": ("func", {})}
@@ -59,7 +60,7 @@ CASES = {  # name: (config, setting, N, v, T, arms, heavy)
     "llama-8x512-lora-ckpt": ("llama", "lora+ckpt", 8, 4, 512, HEAVY, True),
 }
 QUICK = ["tiny-16x128-lora", "tiny-16x128-full", "wide-16x16-full"]
-OPTIONAL = ["llama-16x1024-full", "llama-8x512-lora", "llama-8x512-lora-ckpt"]  # minutes more: only with --all or --cases
+OPTIONAL = ["llama-16x1024-full", "llama-8x512-lora", "llama-8x512-lora-ckpt"]  # minutes more: --all or --cases
 QUICK_SKIP = {"wide-16x16-full": ("engine sgd materialize", "func")}  # slow, GBs of memory
 
 
@@ -72,7 +73,6 @@ def arms_of(name):
 def setup(name):
     """((model, optimizer), pool, target, k, arms) for one case."""
     import torch
-
     from arms import build, llama_config, rows
 
     cname, setting, N, v, T, _, _ = CASES[name]
@@ -134,7 +134,6 @@ def child_spearman(steps, hidden):
     import tempfile
 
     import numpy as np
-    import torch
     from hydra import compose, initialize_config_module
     from scipy.stats import spearmanr
 
@@ -170,9 +169,14 @@ def child_spearman(steps, hidden):
                "b_relerr": float(np.abs(b_r1 - b_ex).max() / np.abs(b_ex).max()),
                "b_spearman": float(spearmanr(b_r1, b_ex)[0]),
                "y2_ratio": sc["rank1_b"].y2 / sc["exact_state"].y2,
-               "ftw_overlap_rank1K": len(picks["rank1_state"] & picks["exact_state"]) / max(len(picks["exact_state"]), 1),
-               "ftw_overlap_rank1Kb": len(picks["rank1_b"] & picks["exact_state"]) / max(len(picks["exact_state"]), 1)}
-    print(json.dumps({"hidden": hidden, "steps": steps, "N": tr.N, "rho": rho, "rank1_err_max": err, "rank1_b": rank1_b}))
+               "ftw_overlap_rank1K": overlap(picks["rank1_state"], picks["exact_state"]),
+               "ftw_overlap_rank1Kb": overlap(picks["rank1_b"], picks["exact_state"])}
+    print(json.dumps({"hidden": hidden, "steps": steps, "N": tr.N, "rho": rho, "rank1_err_max": err,
+                      "rank1_b": rank1_b}))
+
+
+def overlap(picks, ref) -> float:
+    return len(picks & ref) / max(len(ref), 1)
 
 
 def select_ftw(scores, tr):

@@ -63,7 +63,8 @@ def one_run(arms, budgets, steps, skip, extra) -> dict:
     from fwsel.loop import Trainer
 
     logging.getLogger("fwsel").setLevel(logging.ERROR)
-    trainers = {(a, b): Trainer(compose(a, b, steps, extra), NullWriter(), NullTracker()) for b in budgets for a in arms}
+    trainers = {(a, b): Trainer(compose(a, b, steps, extra), NullWriter(), NullTracker())
+                for b in budgets for a in arms}
     secs = {key: [] for key in trainers}
     for t in range(steps):
         for key, tr in trainers.items():

@@ -318,7 +318,8 @@ class Trainer:
             return idx, w, None, 0
         if need is Needs.GRADS:  # from the kept per-sample gradients
             self.engine.apply_update(idx, w)
-            return idx, w, float((scores.losses[idx].double().cpu().numpy() * w).mean()), int(scores.n_tokens[idx].sum())
+            loss = float((scores.losses[idx].double().cpu().numpy() * w).mean())
+            return idx, w, loss, int(scores.n_tokens[idx].sum())
         chosen = self.batch([rows[i] for i in idx])
         with self.comm.reduce_grads(self.params):  # each rank backprops its shard of the chosen rows
             out, losses = self.shard_losses(chosen)

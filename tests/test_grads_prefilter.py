@@ -1,9 +1,10 @@
 """The prefilter signal: TracIn on the output head, from one no-grad forward."""
 
-from helpers_models import oracle_grads, random_batch, tiny_model
 from test_grads import relerr
 
 from fwsel.grads.prefilter import head_alignment
+
+from helpers_models import oracle_grads, random_batch, tiny_model
 
 
 def test_head_alignment_is_tracin_on_the_output_head():
@@ -17,13 +18,17 @@ def test_head_alignment_is_tracin_on_the_output_head():
 
 
 def test_prefilter_shortlists_the_pool_and_refuses_a_bad_fraction(tmp_path, monkeypatch):
-    from helpers_runs import FAST, run_cli
-
     from fwsel import loop
+
+    from helpers_runs import FAST, run_cli
 
     seen = []
     orig = loop.Trainer.score
-    monkeypatch.setattr(loop.Trainer, "score", lambda self, t, rows, need: seen.append(len(rows)) or orig(self, t, rows, need))
+    def score(self, t, rows, need):
+        seen.append(len(rows))
+        return orig(self, t, rows, need)
+
+    monkeypatch.setattr(loop.Trainer, "score", score)
     run = ["train", *FAST, "selector=tracin", "steps=2", "budget=0.25"]
     code, _ = run_cli([*run, "selector.prefilter_keep=0.5", f"hydra.run.dir={tmp_path}/a"])
     assert code == 0 and seen == [8, 8]  # N = 16 rows, half of them scored by gradients

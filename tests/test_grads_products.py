@@ -4,11 +4,12 @@ import enum
 
 import pytest
 import torch
-from helpers_models import random_batch
 from test_grads import relerr, trained
 from test_grads_ghost import batches, wide
 
 from fwsel.grads import GradEngine
+
+from helpers_models import random_batch
 
 
 class Product(enum.Flag):  # the shape of a selector's request: members named like the products

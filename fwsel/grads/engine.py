@@ -132,7 +132,8 @@ class _Sums:
     def scores(self, finite, ghost: dict) -> Scores:
         K, B, G = (None if self.K is None else self.K.cpu()), self.B.cpu(), self.dir_gram.cpu()
         sq = K.diagonal().clone() if K is not None else None if self.sq is None else self.sq.cpu()
-        aux = {a: {"b": d["b"].cpu(), "sq_norms": d["sq_norms"].cpu(), "y2": float(d["y2"])} for a, d in self.aux.items()}
+        aux = {a: {"b": d["b"].cpu(), "sq_norms": d["sq_norms"].cpu(), "y2": float(d["y2"])}
+               for a, d in self.aux.items()}
         poor = float(torch.stack(self.poor).sum()) / self.coords if self.coords else None
         return Scores(K=K, b=B, y2=float(G[0, 0]), dir_gram=G, losses=None, target_losses=None, sq_norms=sq,
                       finite=finite, poor_frac=poor, aux=aux, ghost=ghost)
