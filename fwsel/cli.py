@@ -65,6 +65,7 @@ def train(rest: list[str]) -> int:
         threads.configure(rest)  # before torch loads: OpenMP reads its environment once
         rest = resume_argv(run_dir_args(rest))  # torchrun: one run dir for all ranks
         check_keys(rest)
+        warn_unswept(rest)
         if env_world()[0] == 0:  # rank 0 alone checks (the others would see its files)
             check_output_dir(rest)
         rest = rank_args(rest)
@@ -72,6 +73,7 @@ def train(rest: list[str]) -> int:
         print(f"fwsel train: {e}", file=sys.stderr)
         return 1
     from fwsel import distributed
+    from fwsel.train import FAILED_JOBS
     from fwsel.train import main as train_main
 
     sys.argv = ["fwsel", *rest]
@@ -85,6 +87,9 @@ def train(rest: list[str]) -> int:
         raise
     finally:
         distributed.shutdown(ok)
+    if FAILED_JOBS:  # a sweep ran its other jobs (and the compare); the exit code still says it failed
+        print(f"fwsel train: {len(FAILED_JOBS)} sweep job(s) failed:", *FAILED_JOBS, sep="\n  ", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -113,12 +118,56 @@ def check_keys(args: list[str]) -> None:
     given = [override_key(a) for a in overrides(args) if not a.startswith("~")]
     if not given:
         return
-    conf = confdoc.conf_dir()
-    keys, groups = confdoc.declared(conf), confdoc.groups(conf)
+    conf, extra = confdoc.conf_dir(), confdoc.searchpath(args)
+    keys, groups = confdoc.declared(conf, extra), confdoc.groups(conf, extra)
     for key in given:
         msg = confdoc.unknown(key, keys, groups)
         if msg:
             raise ConfigError(msg)
+    check_selector_keys(args, [conf, *extra])
+
+
+def check_selector_keys(args: list[str], dirs) -> None:
+    """A `selector.KEY` (or `+selector.KEY`) must be a key of the chosen selector: Hydra would print a
+    multi-line error for a missing one, or (with `+`) pass it on to a selector that ignores it."""
+    from fwsel import confdoc
+    from fwsel.errors import ConfigError
+
+    given = [a for a in overrides(args) if not a.startswith("~") and override_key(a).startswith("selector.")]
+    chosen = [a.split("=", 1)[1] for a in overrides(args) if override_key(a) == "selector"]
+    options = chosen[-1].split(",") if chosen else [confdoc.defaults(dirs[0]).get("selector", "")]
+    if not given or any(not o or "(" in o for o in options):  # choice(...) and the like: Hydra checks those
+        return
+    own = {o: confdoc.option_keys("selector", o, dirs) for o in options}
+    if any(k is None for k in own.values()):  # an option not found here: Hydra checks it
+        return
+    for arg in given:
+        key = override_key(arg).split(".")[1]
+        lack = [o for o in options if key not in own[o]]
+        if not lack:
+            continue
+        if len(lack) == len(options):
+            raise ConfigError(f"selector.{key} is not a key of selector={options[0] if len(options) == 1 else ','.join(options)}"
+                              f" (keys of {lack[0]}: {', '.join(sorted(own[lack[0]] - {'_target_'}))})")
+        has = [o for o in options if o not in lack]
+        raise ConfigError(f"selector.{key} is a key of {','.join(has)} but not of {','.join(lack)}: sweep them "
+                          f"separately into one dir (-m selector={','.join(has)} {arg} hydra.sweep.dir=D, then "
+                          f"-m selector={','.join(lack)} hydra.sweep.dir=D); `fwsel compare D` puts them in one table")
+
+
+def is_multirun(args: list[str]) -> bool:
+    return "-m" in args or "--multirun" in args
+
+
+def warn_unswept(args: list[str]) -> None:
+    """An experiment that declares a sweep grid, run without -m, trains one job: say so in one line."""
+    from fwsel import confdoc
+
+    chosen = [a.split("=", 1)[1] for a in overrides(args) if override_key(a) == "experiment"]
+    path = confdoc.conf_dir() / "experiment" / f"{chosen[-1] if chosen else ''}.yaml"
+    if chosen and not is_multirun(args) and path.is_file() and "sweeper:" in path.read_text(encoding="utf-8"):
+        print(f"fwsel train: warning: experiment={chosen[-1]} is a sweep grid, but without -m only one job runs "
+              f"with the config's own values; add -m to run the grid", file=sys.stderr)
 
 
 def resume_argv(rest: list[str]) -> list[str]:

@@ -56,10 +56,41 @@ def header(path: Path) -> str:
     return ""
 
 
-def groups(conf: Path) -> dict[str, list[str]]:
-    """Config group -> its options (hydra's own groups aside)."""
-    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(conf.iterdir())
-            if d.is_dir() and d.name != "hydra" and any(d.glob("*.yaml"))}
+def searchpath(args: list[str]) -> list[Path]:
+    """The existing `file://` dirs of a `hydra.searchpath=[...]` override (user-added options live there)."""
+    from fwsel.cli import override_key, overrides
+
+    vals = [a.split("=", 1)[1] for a in overrides(args) if override_key(a) == "hydra.searchpath"]
+    items = re.split(r"\s*,\s*", vals[-1].strip().strip("[]")) if vals else []
+    dirs = [Path(i.strip("'\"")[len("file://"):]).expanduser() for i in items if i.strip("'\"").startswith("file://")]
+    return [d for d in dirs if d.is_dir()]
+
+
+def groups(conf: Path, extra: list[Path] = ()) -> dict[str, list[str]]:
+    """Config group -> its options (hydra's own groups aside), fwsel's and those under `extra` dirs."""
+    out: dict[str, set[str]] = {}
+    for root in (conf, *extra):
+        for d in sorted(root.iterdir()):
+            if d.is_dir() and d.name != "hydra" and any(d.glob("*.yaml")):
+                out.setdefault(d.name, set()).update(p.stem for p in d.glob("*.yaml"))
+    return {g: sorted(o) for g, o in sorted(out.items())}
+
+
+def option_file(group: str, option: str, dirs: list[Path]) -> Path | None:
+    """`<dir>/<group>/<option>.yaml` in the first of `dirs` that has it."""
+    return next((d / group / f"{option}.yaml" for d in dirs if (d / group / f"{option}.yaml").is_file()), None)
+
+
+def option_keys(group: str, option: str, dirs: list[Path]) -> set[str] | None:
+    """The keys an option of a group declares (those of the options in its `defaults` too); None if not found."""
+    path = option_file(group, option, dirs)
+    if path is None:
+        return None
+    keys = {k.path.split(".", 1)[0] for k in parse(path)}
+    for base in re.findall(r"^\s+-\s+(\w+)\s*$", path.read_text(encoding="utf-8"), flags=re.M):
+        if base != "_self_":
+            keys |= option_keys(group, base, dirs) or set()
+    return keys
 
 
 def defaults(conf: Path) -> dict[str, str]:
@@ -76,13 +107,13 @@ def is_global(path: Path) -> bool:
     return "@package _global_" in path.read_text(encoding="utf-8")
 
 
-def declared(conf: Path | None = None) -> list[Key]:
+def declared(conf: Path | None = None, extra: list[Path] = ()) -> list[Key]:
     """Every key any config declares: train.yaml, each group option (prefixed), global presets."""
     conf = conf or conf_dir()
     keys = parse(conf / "train.yaml")
-    for group, options in groups(conf).items():
+    for group, options in groups(conf, extra).items():
         for opt in options:
-            path = conf / group / f"{opt}.yaml"
+            path = option_file(group, opt, [conf, *extra])
             keys += parse(path, "" if is_global(path) else f"{group}.")
     return keys
 
@@ -106,10 +137,10 @@ def unknown(key: str, keys: list[Key], groups_: dict) -> str | None:
     return f"unknown key {key!r} (no config declares it){hint}"
 
 
-def _group_choices(args: list[str], conf: Path) -> dict[str, str]:
+def _group_choices(args: list[str], conf: Path, extra: list[Path] = ()) -> dict[str, str]:
     from fwsel.cli import override_key, overrides
 
-    chosen, known = defaults(conf), groups(conf)
+    chosen, known = defaults(conf), groups(conf, extra)
     for a in overrides(args):
         if override_key(a) in known:
             chosen[override_key(a)] = a.split("=", 1)[1]
@@ -119,18 +150,19 @@ def _group_choices(args: list[str], conf: Path) -> dict[str, str]:
 def help_text(args: list[str] | None = None, conf: Path | None = None) -> str:
     """`fwsel train --help`: groups with what each option does, then the keys of the chosen options."""
     conf = conf or conf_dir()
-    chosen = _group_choices(args or [], conf)
+    dirs = [conf, *searchpath(args or [])]
+    chosen = _group_choices(args or [], conf, dirs[1:])
     lines = ["usage: fwsel train [GROUP=OPTION ...] [KEY=VALUE ...] [-m] [--cfg job] [--hydra-help]", "",
              "Config groups (the default marked *; `fwsel train --help GROUP=OPTION` shows that option's keys):"]
-    for group, options in groups(conf).items():
+    for group, options in groups(conf, dirs[1:]).items():
         lines.append(f"  {group}:")
         for opt in options:
             mark = "*" if chosen.get(group) == opt else " "
-            lines.append(f"   {mark}{opt:<16} {header(conf / group / f'{opt}.yaml')}")
+            lines.append(f"   {mark}{opt:<16} {header(option_file(group, opt, dirs))}")
     lines += ["", "Keys (KEY=VALUE; `fwsel train --cfg job [overrides]` prints the resolved config):"]
     sections = [("", conf / "train.yaml", "")]
-    sections += [(f"{g}={o}", conf / g / f"{o}.yaml", f"{g}.") for g, o in chosen.items()
-                 if g != "experiment" and (conf / g / f"{o}.yaml").is_file()]
+    sections += [(f"{g}={o}", option_file(g, o, dirs), f"{g}.") for g, o in chosen.items()
+                 if g != "experiment" and option_file(g, o, dirs)]
     for title, path, prefix in sections:
         if title:
             lines.append(f"  [{title}]")

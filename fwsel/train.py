@@ -1,7 +1,8 @@
 """`fwsel train`: the Hydra entry point (Hydra names the job and log file after this module).
 
 A single run turns a typed error into one logged line, `status: failed` and exit 1; in a
-multirun the error is re-raised so Hydra marks only that job failed. A config error found
+multirun that job is recorded in FAILED_JOBS and the sweep goes on (the compare at its end
+still runs; `fwsel train` then exits 1). A config error found
 before training starts leaves no run dir behind. SIGINT/SIGTERM end the run after the
 current step with a checkpoint, `status: interrupted` and exit 130/143; a re-run sweep skips
 finished jobs and resumes unfinished ones (fwsel.checkpoint).
@@ -35,6 +36,7 @@ log = logging.getLogger("fwsel")
 
 PATH_KEYS = ("data.files", "data.target_files", "model.name_or_path", "data.name")
 HEARTBEAT_S = 60  # without a progress bar, a log line at least this often
+FAILED_JOBS: list[str] = []  # "<job tag>: <error>" of the sweep jobs that failed with a typed error
 
 
 def _path_suffix(overrides) -> str:
@@ -172,11 +174,23 @@ def _build(cfg, writer, tracker, resume: bool, ckpt):
     return trainer
 
 
+def continue_hint(run_dir: str) -> str:
+    """How to go on after an interruption: resume this run, or (in a sweep) re-run the sweep's command."""
+    import shlex
+
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    if hc is None or hc.mode != RunMode.MULTIRUN:
+        return f"fwsel train resume={run_dir}"
+    args = [a for a in sys.argv[1:] if override_key(a) != "hydra.sweep.dir"]
+    return shlex.join(["fwsel", "train", *args, f"hydra.sweep.dir={hc.sweep.dir}"]) + \
+        " (the same sweep: finished jobs are skipped, unfinished ones resumed)"
+
+
 def _report_stop(writer, stop, trainer, run_dir: str) -> None:
     name = signal.Signals(stop.signum).name
     writer.update_summary(signal=name, error=f"interrupted by {name}")
-    log.warning("interrupted by %s at step %d: checkpoint written; continue with: fwsel train resume=%s",
-                name, trainer.step, run_dir)
+    log.warning("interrupted by %s at step %d: checkpoint written; continue with: %s",
+                name, trainer.step, continue_hint(run_dir))
 
 
 def run(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
@@ -297,6 +311,11 @@ class JobTag(logging.Filter):
         return True
 
 
+def job_tag(hc) -> str:
+    """A sweep job's log prefix: its run dir's name (path keys only show as the dir's hash suffix)."""
+    return (hc.job.override_dirname or f"job {hc.job.num}") + _path_suffix(hc.overrides.task)
+
+
 def final_line(summary: dict, run_dir: str) -> str:
     loss, acc = summary.get("target_eval_loss"), summary.get("target_eval_acc")
     first = summary.get("target_eval_loss_initial")
@@ -310,7 +329,7 @@ def final_line(summary: dict, run_dir: str) -> str:
 @hydra.main(version_base="1.3", config_path="pkg://fwsel.conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
-    tag = JobTag(hc.job.override_dirname or f"job {hc.job.num}") if hc.mode == RunMode.MULTIRUN else None
+    tag = JobTag(job_tag(hc)) if hc.mode == RunMode.MULTIRUN else None
     handlers = logging.getLogger().handlers if tag else []
     for h in handlers:
         h.addFilter(tag)
@@ -344,12 +363,19 @@ def job(cfg: DictConfig, hc) -> None:
         gone = state == "new" and isinstance(e, ConfigError) and distributed.comm().is_main \
             and discard_unstarted(run_dir, f"{hc.job.name}.log")
         log.error("%s%s", e, " (nothing started: no run dir kept)" if gone else "")
-        if multirun and not distributed.comm().active:
-            raise
+        if multirun and not distributed.comm().active:  # the other jobs go on; the CLI exits 1 at the end
+            FAILED_JOBS.append(f"{job_tag(hc)}: {e}")
+            return
         sys.exit(1)
     except KeyboardInterrupt:
-        log.error("interrupted: the step in progress was abandoned; the last checkpoint is intact; "
-                  "continue with: fwsel train resume=%s", run_dir)
+        from fwsel.checkpoint import MANIFEST, Checkpointer
+
+        ck = Checkpointer(run_dir, None, 1, enabled=False)  # the manifest is written last: a complete save
+        saved = [s for s in ck.steps() if os.path.isfile(os.path.join(ck.path(s), MANIFEST))]
+        log.error("interrupted: the step in progress was abandoned; %s; continue with: %s",
+                  f"the last checkpoint (step {saved[-1]}) is intact" if saved
+                  else "no checkpoint was written yet, so continuing starts again from step 0",
+                  continue_hint(run_dir))
         sys.exit(130)
     if summary["status"] == "interrupted":
         sys.exit(128 + signal.Signals[summary["signal"]].value)  # 130 SIGINT, 143 SIGTERM; stops a sweep too
