@@ -102,10 +102,22 @@ def _load_config(run_dir: Path) -> dict[str, Any]:
     for path in (run_dir / "fwsel_config.yaml", run_dir / ".hydra" / "config.yaml"):
         if path.is_file():
             try:
-                return _flat(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+                return {**_flat(OmegaConf.to_container(OmegaConf.load(path), resolve=False)),
+                        **_group_choices(run_dir)}
             except Exception:  # noqa: BLE001 - a damaged config only loses the grouping
                 return {}
     return {}
+
+
+def _group_choices(run_dir: Path) -> dict[str, Any]:
+    """The config groups chosen (`data` -> `jsonl`), from Hydra's record; the selector is the table's row."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return {}
+    choices = OmegaConf.select(OmegaConf.load(path), "hydra.runtime.choices", default=None) or {}
+    return {str(g): v for g, v in choices.items() if "/" not in str(g) and g != "selector"}
 
 
 def _load_job(summary_path: Path) -> Job:
@@ -164,6 +176,8 @@ def label_variants(jobs: list[Job]) -> None:
         return not any(k == n or k.startswith(n + ".") for n in NOT_A_VARIANT)
 
     shared = _differing(jobs, {k for j in jobs for k in j.config if counts(k) and not k.startswith("selector.")})
+    swapped = {k for k in shared if "." not in k}  # a group whose option differs (data=jsonl vs synthetic):
+    shared = [k for k in shared if k.split(".", 1)[0] not in swapped or "." not in k]  # its choice says it
     for j in jobs:
         j.variant = " ".join(f"{k}={j.config.get(k)}" for k in shared) if j.config else ""
     for sel in {j.selector for j in jobs}:
@@ -374,14 +388,10 @@ def compare_dirs(dirs: list[str | Path], out: str | Path | None = None,
     plot_selection(rows, out / "selection.png")
     buf = Console(file=io.StringIO(), width=140, no_color=True, force_terminal=False)
     note = _unstarted_note([j for j in found if not j.started])
-    for r in [*render(rows), *([note] if note else [])]:
-        buf.print(r)
-        if console is not None:
-            console.print(r)
     footer = f"wrote {out / 'summary.csv'}, {out / 'curves.png'}, {out / 'selection.png'}"
-    buf.print(footer)
-    if console is not None:
-        console.print(footer)
+    for r in [*render(rows), *([note] if note else []), footer]:
+        for c in (buf, console) if console is not None else (buf,):
+            c.print(r, soft_wrap=isinstance(r, str))  # lines naming paths are never wrapped (a pipe greps them whole)
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], buf.file.getvalue()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 SHARE_BINS = 50  # steps are grouped into at most this many bins so per-step noise (k rows) averages out
+LEGEND_ENTRY_IN = 1.3  # inches one source takes in the selection legend (swatch and a name like "irrelevant")
 
 
 def _budgets(rows: list[dict]) -> list:
@@ -85,7 +87,10 @@ def plot_selection(rows: list[dict], path: Path) -> None:
     if not sources or not budgets:
         return _empty(path, "no selected_per_source logged")
     colors = dict(zip(sources, plt.get_cmap("tab10").colors))
-    fig, axes = plt.subplots(len(selectors), len(budgets), figsize=(4 * len(budgets), 2.5 * len(selectors) + 0.8),
+    ncol = min(len(sources), max(1, int(4 * len(budgets) / LEGEND_ENTRY_IN)))  # as many as fit across: never clipped
+    legend_in = 0.22 * math.ceil(len(sources) / ncol) + 0.1
+    fig, axes = plt.subplots(len(selectors), len(budgets),
+                             figsize=(4 * len(budgets), 2.5 * len(selectors) + 0.5 + legend_in),
                              squeeze=False, sharex=True, sharey=True)
     for i, sel in enumerate(selectors):
         for k, b in enumerate(budgets):
@@ -102,7 +107,7 @@ def plot_selection(rows: list[dict], path: Path) -> None:
             ax.tick_params(labelbottom=True, labelleft=True)  # sharex/sharey would hide them next to a blank panel
         axes[i][0].set_ylabel("share")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in sources]
-    fig.legend(handles, sources, loc="upper center", ncol=len(sources), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+    fig.legend(handles, sources, loc="upper center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - legend_in / fig.get_figheight()))
     fig.savefig(path, dpi=100)
     plt.close(fig)

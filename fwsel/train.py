@@ -2,10 +2,10 @@
 
 A single run turns a typed error into one logged line, `status: failed` and exit 1; in a
 multirun that job is recorded in FAILED_JOBS and the sweep goes on (the compare at its end
-still runs; `fwsel train` then exits 1). A config error found
-before training starts leaves no run dir behind. SIGINT/SIGTERM end the run after the
-current step with a checkpoint, `status: interrupted` and exit 130/143; a re-run sweep skips
-finished jobs and resumes unfinished ones (fwsel.checkpoint).
+still runs; `fwsel train` then exits 1). A config or data error before the first metrics line
+leaves no run dir behind. SIGINT/SIGTERM end the run after the current step with a checkpoint,
+`status: interrupted` and exit 130/143; a re-run sweep skips finished jobs and resumes
+unfinished ones (fwsel.checkpoint).
 Under torchrun every rank runs this (fwsel.distributed); only rank 0 writes the run dir, and
 any failure ends the process, also in a sweep (the other ranks would wait for it forever).
 """
@@ -360,8 +360,8 @@ def job(cfg: DictConfig, hc) -> None:
         validate(cfg)
         summary = run(cfg, run_dir, resume=state == "resume")
     except FwselError as e:
-        gone = state == "new" and isinstance(e, ConfigError) and distributed.comm().is_main \
-            and discard_unstarted(run_dir, f"{hc.job.name}.log")
+        gone = state == "new" and distributed.comm().is_main \
+            and discard_unstarted(run_dir, f"{hc.job.name}.log")  # a config or data error before the first metrics
         log.error("%s%s", e, " (nothing started: no run dir kept)" if gone else "")
         if multirun and not distributed.comm().active:  # the other jobs go on; the CLI exits 1 at the end
             FAILED_JOBS.append(f"{job_tag(hc)}: {e}")

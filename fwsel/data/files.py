@@ -110,9 +110,9 @@ class FileReader:
         self.fields = dict(fields or {})
         self.skipped = 0
 
-    def _bad(self, err: DataError) -> None:
-        if self.on_error != "skip":
-            raise DataError(f"{err} (data.on_error=skip skips such records)") from None
+    def _bad(self, err: DataError, hint: bool = True) -> None:
+        if self.on_error != "skip":  # the hint only where skipping can help: a bad record among good ones
+            raise DataError(f"{err} (data.on_error=skip skips such records)" if hint else str(err)) from None
         self.skipped += 1
         log.warning("skipping %s", err)
 
@@ -129,7 +129,7 @@ class FileReader:
                 except DataError as e:
                     self._bad(e)
             if n_rec == 0:
-                self._bad(DataError(f"{path}: empty file (no rows)"))
+                self._bad(DataError(f"{path}: empty file (no rows)"), hint=False)
 
     def count(self) -> int | None:
         """Records in all files, when cheap (parquet metadata; small text files); else None."""
