@@ -77,6 +77,7 @@ def train(rest: list[str]) -> int:
     from fwsel.train import main as train_main
 
     sys.argv = ["fwsel", *rest]
+    FAILED_JOBS.clear()  # one list per command (tests run several in one process)
     distributed.init()  # joins torchrun's process group; nothing in one process
     ok = False
     try:

@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class CompareCallback:
-    """Runs `fwsel compare` on the sweep dir when a multirun ends (Hydra skips it if a job failed).
+    """Runs `fwsel compare` on the sweep dir when a multirun ends (a job that failed with a typed
+    error does not stop the sweep: fwsel.train records it and `fwsel train` exits 1 after this).
 
     Hydra calls every hook of a callback by name; the others are no-ops (`__getattr__`), so this
     module need not import Hydra's base class (`fwsel compare --help` stays quick)."""

@@ -168,3 +168,39 @@ def test_callback_runs_and_never_raises(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         compare.CompareCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "x")}}}))
     assert "not a directory" in caplog.text
+
+
+def test_a_swapped_config_group_labels_by_its_choice(tmp_path):
+    """data=jsonl beside data=synthetic: the arm says which, not every key under data."""
+    for kind, extra in (("synthetic", {"mixture": "default"}), ("jsonl", {"files": "t.jsonl", "max_len": 512})):
+        run = tmp_path / kind
+        write_job(run, "random", 0.5, 0, LOSSES[("random", 0.5, 0)])
+        cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+        cfg.data = {"kind": kind, **extra}
+        (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (run / ".hydra" / "hydra.yaml").write_text(OmegaConf.to_yaml({"hydra": {"runtime": {"choices": {
+            "data": kind, "selector": "random", "hydra/launcher": "basic"}}}}))
+    rows, _ = compare.compare_dirs([tmp_path])
+    assert sorted(r["arm"] for r in rows) == ["random data=jsonl", "random data=synthetic"]
+
+
+def test_path_lines_are_never_wrapped(tmp_path, capsys):
+    run = tmp_path / ("a_long_directory_name_" * 4) / "run"
+    write_job(run, "random", 0.5, 0, LOSSES[("random", 0.5, 0)])
+    assert compare.main([str(run)]) == 0
+    assert f"wrote {run / 'summary.csv'}, {run / 'curves.png'}, {run / 'selection.png'}\n" in capsys.readouterr().out
+
+
+def test_selection_legend_fits_one_budget(tmp_path, monkeypatch):
+    from fwsel import compare_plots
+
+    figs = []
+    monkeypatch.setattr(compare_plots.plt, "close", figs.append)
+    sources = ("duplicate", "irrelevant", "noisy", "related", "target")
+    job = compare.Job(tmp_path, "ok", "random", 0.25, 0, picks=[(s, {src: 1 for src in sources}) for s in (1, 2)])
+    compare_plots.plot_selection([{"arm": "random", "budget": 0.25, "_jobs": [job]}], tmp_path / "s.png")
+    fig = figs[0]
+    box = fig.legends[0].get_window_extent(fig.canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1  # nothing cut off
+    axes_top = max(ax.get_window_extent().y1 for ax in fig.axes)
+    assert box.y0 >= axes_top  # and above the panel's title
