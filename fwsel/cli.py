@@ -148,8 +148,8 @@ def check_selector_keys(args: list[str], dirs) -> None:
         if not lack:
             continue
         if len(lack) == len(options):
-            raise ConfigError(f"selector.{key} is not a key of selector={options[0] if len(options) == 1 else ','.join(options)}"
-                              f" (keys of {lack[0]}: {', '.join(sorted(own[lack[0]] - {'_target_'}))})")
+            raise ConfigError(f"selector.{key} is not a key of selector={','.join(options)} "
+                              f"(keys of {lack[0]}: {', '.join(sorted(own[lack[0]] - {'_target_'}))})")
         has = [o for o in options if o not in lack]
         raise ConfigError(f"selector.{key} is a key of {','.join(has)} but not of {','.join(lack)}: sweep them "
                           f"separately into one dir (-m selector={','.join(has)} {arg} hydra.sweep.dir=D, then "

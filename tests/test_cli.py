@@ -93,3 +93,66 @@ def test_empty_target_split(tmp_path, capsys):
     code, text = run_cli(["train", "data=jsonl", f"data.files={data}", f"data.target_files={target}",
                           f"hydra.run.dir={tmp_path / 'run'}"], capsys)
     assert code == 1 and "select and eval splits are non-empty" in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("args,line", [
+    (["selector.interaction_scale=2"], "selector.interaction_scale is not a key of selector=ftw (keys of ftw: "),
+    (["+selector.interaction_scale=2"], "selector.interaction_scale is not a key of selector=ftw (keys of ftw: "),
+    (["-m", "selector=ftw,greats", "selector.interaction_scale=45"],
+     "selector.interaction_scale is a key of greats but not of ftw: sweep them separately into one dir "
+     "(-m selector=greats selector.interaction_scale=45 hydra.sweep.dir=D, then -m selector=ftw hydra.sweep.dir=D)"),
+])
+def test_a_key_the_chosen_selector_lacks_is_refused_in_one_line(args, line, tmp_path, capsys):
+    code, text = run_cli(["train", *args, f"hydra.run.dir={tmp_path / 'run'}"], capsys)
+    assert code == 1 and line in text and "Traceback" not in text and len(text.strip().splitlines()) == 1
+
+
+def test_selector_keys_of_the_chosen_selector_pass():
+    from fwsel.cli import check_keys
+
+    check_keys(["selector=greats", "selector.interaction_scale=2"])
+    check_keys(["selector=ftw_sgd", "selector.w_max=3"])  # declared by ftw, which ftw_sgd builds on
+    check_keys(["-m", "selector=tracin,greats", "selector.prefilter_keep=0.5"])
+
+
+def test_a_user_selector_on_the_searchpath_is_listed_and_checked(tmp_path):
+    from fwsel.cli import check_keys
+    from fwsel.confdoc import help_text
+    from fwsel.errors import ConfigError
+
+    (tmp_path / "selector").mkdir()
+    (tmp_path / "selector" / "cosine.yaml").write_text(
+        "# Top-k by cosine with the target gradient.\n_target_: myselect.Cosine\n"
+        "name: cosine  # the arm's name\ntemp: 1.0  # a temperature\n")
+    args = [f"hydra.searchpath=[file://{tmp_path}]", "selector=cosine"]
+    text = help_text(args)
+    assert "Top-k by cosine with the target gradient." in text and "selector.temp" in text
+    check_keys([*args, "selector.temp=2"])
+    with pytest.raises(ConfigError, match="selector.nope"):
+        check_keys([*args, "selector.nope=2"])
+
+
+def test_a_sweep_experiment_without_m_warns(capsys):
+    from fwsel.cli import warn_unswept
+
+    warn_unswept(["experiment=compare"])
+    assert "experiment=compare is a sweep grid, but without -m only one job runs" in capsys.readouterr().err
+    warn_unswept(["-m", "experiment=compare"])
+    warn_unswept(["experiment=smoke"])
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("content,line", [
+    ("", "empty file (no rows)"),
+    ('{"a": 1}\n', "no known format"),
+])
+def test_a_target_file_error_leaves_no_run_dir(content, line, tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    target = tmp_path / "target.jsonl"
+    target.write_text(content)
+    run = tmp_path / "run"
+    code, text = run_cli(["train", "data=jsonl", f"data.files={data}", f"data.target_files={target}",
+                          f"hydra.run.dir={run}"], capsys)
+    assert code == 1 and line in text and "no run dir kept" in text and not run.exists()
+    assert ("data.on_error=skip" in text) == (content != "")  # the hint only where skipping a line can help

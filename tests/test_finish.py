@@ -197,6 +197,27 @@ def test_second_ctrl_c_repeats_the_resume_command(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(Trainer, "train_step", abandoned)
     code, text = run_cli(["train", *FAST, "selector=random", f"hydra.run.dir={tmp_path / 'run'}"], capsys)
     assert code == 130 and f"continue with: fwsel train resume={tmp_path / 'run'}" in text
+    assert "no checkpoint was written yet, so continuing starts again from step 0" in text
+    assert "is intact" not in text
+
+    sweep = tmp_path / "sweep"  # in a sweep: the sweep's own command, into its dir
+    code, text = run_cli(["train", "-m", *FAST, "selector=random", f"hydra.sweep.dir={sweep}"], capsys)
+    assert code == 130
+    assert f"continue with: fwsel train -m {' '.join(FAST)} selector=random hydra.sweep.dir={sweep} " in text
+
+
+def test_a_sweep_log_tag_carries_the_path_hash():
+    from types import SimpleNamespace
+
+    from fwsel.train import _path_suffix, job_tag
+
+    def hc(files):
+        task = ["seed=0", f"data.files={files}"]
+        return SimpleNamespace(job=SimpleNamespace(override_dirname="seed-0", num=0),
+                               overrides=SimpleNamespace(task=task))
+
+    assert job_tag(hc("a.jsonl")) == "seed-0" + _path_suffix(["seed=0", "data.files=a.jsonl"])
+    assert job_tag(hc("a.jsonl")) != job_tag(hc("b.jsonl"))  # the dirs differ by it, so do the tags
 
 
 def test_sweep_lines_carry_the_job_tag(tmp_path, capsys):

@@ -41,3 +41,17 @@ def test_rerun_skips_finished_jobs_and_refuses_changes(tmp_path, capsys):
     text = text.out + text.err
     assert "different config (changed: optim.lr)" in text, text
     assert json.loads(summaries[0].read_text())["status"] == "ok"  # the finished job's files are untouched
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path, capsys):
+    d = tmp_path / "sweep"
+    grid = [g for g in GRID if not g.startswith(("budget=", "selector="))]
+    code = main(["train", "-m", "selector=random", "budget=1.5,0.5", *grid, f"hydra.sweep.dir={d}"])
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert code == 1
+    assert text.count("budget must be in (0, 1], got 1.5") == 2  # the job's line, and the list at the end
+    assert "Traceback" not in text and "Error executing job" not in text
+    assert "1 sweep job(s) failed" in out.err
+    assert [json.loads(p.read_text())["status"] for p in d.glob("*/summary.json")] == ["ok"]  # the next job ran
+    assert (d / "summary.csv").is_file()  # and the compare at the end
