@@ -35,9 +35,9 @@ import os
 import string
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -141,8 +141,7 @@ def family_rows(name: str, rows: int, seed: int = 0, target_rows: int = 320, spl
 
 def _write(path: Path, rows: list[dict]) -> None:
     with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def write_mixture(out: str | Path, name: str, rows: int = 16000, seed: int = 0) -> Path:
