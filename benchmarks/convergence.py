@@ -241,7 +241,8 @@ def main() -> None:
             for arm in arms:
                 t = time.time()
                 run_test(m, arm, args, scale)
-                wall[arm] = wall.get(arm, 0.0) + time.time() - t
+                key = " ".join([arm, *args.ftw_overrides]) if arm == "ftw" else arm
+                wall[key] = wall.get(key, 0.0) + time.time() - t
             summarise(m)
             wall_f.write_text(json.dumps({k: round(v, 1) for k, v in wall.items()}) + "\n")
             print(f"{m} done", flush=True)

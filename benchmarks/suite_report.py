@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 REFERENCE = ("full", "source_oracle")
-ORDER = ("ftw", "greats", "tracin", "random", "full", "source_oracle")
+ORDER = ("ftw", "ftw_v1", "greats", "tracin", "random", "full", "source_oracle")  # ftw_v1: the first version's defaults
 RIVALS = ("greats", "tracin", "random")
 SOURCES = ("target", "related", "noisy", "irrelevant", "duplicate")
 LAST_EVALS = 3  # random's final loss = mean of its last this-many evals (as fwsel compare)
@@ -63,15 +63,15 @@ def reach(jobs, budget):
 
 
 def cross_table(suite: dict, starts: dict) -> list[str]:
-    head = ("| mixture (start) | budget | ftw | greats | tracin | random | full* | oracle* | exact match ftw / "
-            "greats / random | ftw below greats / tracin / random |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    head = ("| mixture (start) | budget | ftw | ftw v1 | greats | tracin | random | full* | oracle* | exact match "
+            "ftw / greats / random | ftw below greats / tracin / random |")
+    lines = [head, "|---" * 11 + "|"]
     for m, jobs in suite.items():
         for b in sorted({j["budget"] for j in jobs}, reverse=True):
             by = _by(jobs, b)
             loss = {a: _mean([j["loss"] for (x, _), j in by.items() if x == a]) for a in ORDER}
             acc = {a: _mean([j["acc"] for (x, _), j in by.items() if x == a]) for a in ORDER}
-            present = [a for a in ORDER[:4] if loss[a] is not None]
+            present = [a for a in ORDER if a not in REFERENCE and loss[a] is not None]
             best = min(present, key=lambda a: loss[a]) if present else None
             cells = [(f"**{_f(loss[a])}**" if a == best else _f(loss[a])) for a in ORDER]
             p = paired(jobs, b)
