@@ -64,8 +64,8 @@ def reach(jobs, budget):
 
 def cross_table(suite: dict, starts: dict) -> list[str]:
     head = ("| mixture (start) | budget | ftw | ftw v1 | greats | tracin | random | full* | oracle* | exact match "
-            "ftw / greats / random | ftw below greats / tracin / random |")
-    lines = [head, "|---" * 11 + "|"]
+            "ftw / ftw v1 / greats / random | ftw below greats / tracin / random | ftw v1 below greats / tracin / random |")
+    lines = [head, "|---" * 12 + "|"]
     for m, jobs in suite.items():
         for b in sorted({j["budget"] for j in jobs}, reverse=True):
             by = _by(jobs, b)
@@ -74,10 +74,12 @@ def cross_table(suite: dict, starts: dict) -> list[str]:
             present = [a for a in ORDER if a not in REFERENCE and loss[a] is not None]
             best = min(present, key=lambda a: loss[a]) if present else None
             cells = [(f"**{_f(loss[a])}**" if a == best else _f(loss[a])) for a in ORDER]
-            p = paired(jobs, b)
-            wins = " / ".join(f"{p[r][2]}/{len(p[r][0])}" if p[r][0] else "—" for r in RIVALS)
-            lines.append(f"| {m} ({starts[m]}) | {b:g} | " + " | ".join(cells)
-                         + f" | {_f(acc['ftw'], 2)} / {_f(acc['greats'], 2)} / {_f(acc['random'], 2)} | {wins} |")
+            wins = []
+            for arm in ("ftw", "ftw_v1"):
+                p = paired(jobs, b, arm)
+                wins.append(" / ".join(f"{p[r][2]}/{len(p[r][0])}" if p[r][0] else "—" for r in RIVALS))
+            em = " / ".join(_f(acc[a], 2) for a in ("ftw", "ftw_v1", "greats", "random"))
+            lines.append(f"| {m} ({starts[m]}) | {b:g} | " + " | ".join(cells) + f" | {em} | {wins[0]} | {wins[1]} |")
     return lines
 
 
@@ -104,11 +106,13 @@ def mixture_section(m: str, jobs: list[dict]) -> list[str]:
             out.append(f"| {label} | {statistics.fmean(ls):.4f} ± {sd:.4f} | {statistics.fmean(ac):.3f} ± {sa:.3f} "
                        f"| {reach_s} | {sec_s} | {_mean([j['rows_per_step'] for j in js]):.1f} |")
         out += ["", ("Paired: ftw's final loss minus the rival's, same seed (negative = ftw better); sign count = "
-                "seeds where ftw is lower."), "", "| rival | per-seed differences | mean | ftw lower |", "|---|---|---|---|"]
-        for rival, (seeds, diffs, wins) in paired(jobs, b).items():
-            if seeds:
-                out.append(f"| {rival} | " + " ".join(f"{d:+.3f}" for d in diffs)
-                           + f" | {statistics.fmean(diffs):+.4f} | {wins}/{len(seeds)} |")
+                "seeds where ftw is lower."), "", "| arm − rival | per-seed differences | mean | arm lower |",
+                "|---|---|---|---|"]
+        for arm in ("ftw", "ftw_v1"):
+            for rival, (seeds, diffs, wins) in paired(jobs, b, arm).items():
+                if seeds:
+                    out.append(f"| {arm} − {rival} | " + " ".join(f"{d:+.3f}" for d in diffs)
+                               + f" | {statistics.fmean(diffs):+.4f} | {wins}/{len(seeds)} |")
         out += ["", "Share of selected rows / share of weight per source (mean over seeds):", "",
                 "| arm | " + " | ".join(SOURCES) + " |", "|---" * (len(SOURCES) + 1) + "|"]
         for a in ORDER:
