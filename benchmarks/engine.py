@@ -1,7 +1,8 @@
-"""CPU benchmark of the gradient engine (issues 3 and 10). Not a test: prints a markdown table.
+"""CPU benchmark of the gradient engine. Not a test: prints a markdown table.
 
     python benchmarks/engine.py            # every size but llama full FT (about 10 min on 2 cores)
-    python benchmarks/engine.py --all      # ... and llama full FT (~3 min more)
+    python benchmarks/engine.py --all      # ... and llama full FT, LoRA with and without checkpointing (~6 min more)
+    python benchmarks/engine.py --cases llama-8x512-lora,llama-8x512-lora-ckpt   # checkpointing's memory
     python benchmarks/engine.py --quick    # tiny 16x128 and the wide config, fewer repeats (~3 min)
 
 Per case, arms on the same N + v rows (same dtype and attention, optimizer step left out):
@@ -42,6 +43,9 @@ HEAVY = {"plain": ("plain", {}), "engine adam": ("engine", {"metric": "adam"})}
 WIDE = {"plain": ("plain", {}),
         "engine sgd auto(token Gram)": ("engine", {"metric": "sgd"}),
         "engine adam state ghost(rank-1)": ("engine", {"metric": "adam", "adam_q": "state", "grad_path": "ghost"}),
+        "engine adam state ghost(rank-1, rank-1 b)": ("engine", {"metric": "adam", "adam_q": "state",
+                                                               "grad_path": "ghost",
+                                                               "ghost_b": "rank1"}),
         "engine sgd materialize": ("engine", {"metric": "sgd", "grad_path": "materialize"}),
         "func": ("func", {})}
 CASES = {  # name: (config, setting, N, v, T, arms, heavy)
@@ -52,9 +56,11 @@ CASES = {  # name: (config, setting, N, v, T, arms, heavy)
     "wide-16x16-full": ("wide", "full", 16, 8, 16, WIDE, False),
     "llama-16x1024-lora": ("llama", "lora", 16, 8, 1024, HEAVY, True),
     "llama-16x1024-full": ("llama", "full", 16, 8, 1024, HEAVY, True),
+    "llama-8x512-lora": ("llama", "lora", 8, 4, 512, HEAVY, True),  # with the next: checkpointing's memory saving
+    "llama-8x512-lora-ckpt": ("llama", "lora+ckpt", 8, 4, 512, HEAVY, True),
 }
 QUICK = ["tiny-16x128-lora", "tiny-16x128-full", "wide-16x16-full"]
-OPTIONAL = ["llama-16x1024-full"]  # ~3 min more: only with --all or --cases
+OPTIONAL = ["llama-16x1024-full", "llama-8x512-lora", "llama-8x512-lora-ckpt"]  # minutes more: --all or --cases
 QUICK_SKIP = {"wide-16x16-full": ("engine sgd materialize", "func")}  # slow, GBs of memory
 
 
@@ -67,13 +73,12 @@ def arms_of(name):
 def setup(name):
     """((model, optimizer), pool, target, k, arms) for one case."""
     import torch
-
     from arms import build, llama_config, rows
 
     cname, setting, N, v, T, _, _ = CASES[name]
     arms = arms_of(name)
     c = CONFIGS[cname]
-    model, opt = build(llama_config(**c, T=T), setting)
+    model, opt = build(llama_config(**c, T=T), setting.removesuffix("+ckpt"), checkpointing=setting.endswith("+ckpt"))
     pool, target = rows(N, T, c["vocab"], 1), rows(v, T, c["vocab"], 2)
     torch.manual_seed(0)
     return (model, opt), pool, target, max(N // 4, 1), arms
@@ -129,7 +134,6 @@ def child_spearman(steps, hidden):
     import tempfile
 
     import numpy as np
-    import torch
     from hydra import compose, initialize_config_module
     from scipy.stats import spearmanr
 
@@ -147,19 +151,41 @@ def child_spearman(steps, hidden):
         for t in range(steps):
             tr.train_step(t)
         pool, target = tr.batch(tr.data.stream.pool(steps, tr.N)), tr.batch(tr.target_rows(steps))
-        K = {}
+        K, sc = {}, {}
         for key, kw in {"exact_state": dict(metric="adam", adam_q="state", grad_path="materialize"),
                         "rank1_state": dict(metric="adam", adam_q="state", grad_path="ghost"),
+                        "rank1_b": dict(metric="adam", adam_q="state", grad_path="ghost", ghost_b="rank1"),
                         "exact_pool": dict(metric="adam", adam_q="pool", grad_path="materialize"),
                         "sgd": dict(metric="sgd", grad_path="materialize")}.items():
-            sc = GradEngine(tr.model, tr.optimizer, loss_chunk_tokens=4096, **kw).score(pool, target, k=tr.k)
-            K[key] = sc.K.numpy()
-            if key == "rank1_state":
-                err = sc.ghost["rank1_err_max"]
+            sc[key] = GradEngine(tr.model, tr.optimizer, loss_chunk_tokens=4096, **kw).score(pool, target, k=tr.k)
+            K[key] = sc[key].K.numpy()
+        err = sc["rank1_state"].ghost["rank1_err_max"]
+        picks = {key: set(select_ftw(sc[key], tr)) for key in ("exact_state", "rank1_state", "rank1_b")}
     iu = np.triu_indices(tr.N)
     rho = {f"{a} vs {b}": float(spearmanr(K[a][iu], K[b][iu])[0])
            for a, b in (("rank1_state", "exact_state"), ("rank1_state", "exact_pool"), ("sgd", "exact_state"))}
-    print(json.dumps({"hidden": hidden, "steps": steps, "N": tr.N, "rho": rho, "rank1_err_max": err}))
+    b_ex, b_r1 = sc["exact_state"].b[:, 0].numpy(), sc["rank1_b"].b[:, 0].numpy()
+    rank1_b = {"K_relerr": float(np.abs(K["rank1_b"] - K["exact_state"]).max() / np.abs(K["exact_state"]).max()),
+               "b_relerr": float(np.abs(b_r1 - b_ex).max() / np.abs(b_ex).max()),
+               "b_spearman": float(spearmanr(b_r1, b_ex)[0]),
+               "y2_ratio": sc["rank1_b"].y2 / sc["exact_state"].y2,
+               "ftw_overlap_rank1K": overlap(picks["rank1_state"], picks["exact_state"]),
+               "ftw_overlap_rank1Kb": overlap(picks["rank1_b"], picks["exact_state"])}
+    print(json.dumps({"hidden": hidden, "steps": steps, "N": tr.N, "rho": rho, "rank1_err_max": err,
+                      "rank1_b": rank1_b}))
+
+
+def overlap(picks, ref) -> float:
+    return len(picks & ref) / max(len(ref), 1)
+
+
+def select_ftw(scores, tr):
+    """ftw's picks (defaults) on these scores."""
+    from fwsel.selectors.base import Pool
+    from fwsel.selectors.ftw import FTW
+
+    pool = Pool(rows=[{}] * len(scores.b), k=tr.k, step=20, lr=1e-3, rng=None, scores=scores, optimizer=tr.optimizer)
+    return FTW(name="ftw").select(pool).indices
 
 
 def run_child(args, timeout, mem=False):
@@ -230,6 +256,7 @@ def main():
         rho = ", ".join(f"{k} {v:.4f}" for k, v in r["rho"].items())
         print(f"Spearman of K's upper triangle on the pool after {r['steps']} steps of tiny full fine-tuning "
               f"(hidden {r['hidden']}, N={r['N']}): {rho}; max relative rank-1 error of D {r['rank1_err_max']:.3f}")
+        print(f"  ghost_b=rank1 against exact adam (adam_q=state): {json.dumps(r['rank1_b'])}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
 """`fwsel <command> ...`: a thin dispatcher, so `fwsel train` keeps all of Hydra's CLI (-m, --cfg,
---help, tab completion)."""
+tab completion).
+
+Everything here runs before torch is imported: `--help`, `--version`, `compare` and
+`export-selection` never load it, and `train` first sets the OpenMP environment (fwsel.threads),
+rewrites the argv (torchrun, `resume=`) and refuses keys no config declares.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -10,9 +16,12 @@ import sys
 USAGE = """usage: fwsel <command> [args]
 
 commands:
-  train              fine-tune online with data selection (Hydra: `fwsel train --help`)
-  compare            table and curves for one or more sweep/run dirs (`fwsel compare --help`)
+  train              fine-tune online with data selection (`fwsel train --help`: groups, keys, selectors)
+  compare            table and curves for sweep or run dirs (`fwsel compare --help`)
   export-selection   the selected rows of a run as JSONL (`fwsel export-selection --help`)
+
+options:
+  --version          print fwsel's version
 """
 
 
@@ -21,33 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    if argv[0] in ("-V", "--version"):
+        from fwsel import __version__
+
+        print(f"fwsel {__version__}")
+        return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
-        from fwsel import distributed
-        from fwsel.errors import FwselError
-
-        try:
-            rest = resume_argv(distributed.run_dir_args(rest))  # torchrun: one run dir for all ranks
-            if distributed.env_world()[0] == 0:  # rank 0 alone checks (the others would see its files)
-                check_output_dir(rest)
-            rest = distributed.rank_args(rest)
-        except FwselError as e:
-            print(f"fwsel train: {e}", file=sys.stderr)
-            return 1
-        from fwsel.train import main as train_main
-
-        sys.argv = ["fwsel", *rest]
-        distributed.init()  # joins torchrun's process group; nothing in one process
-        ok = False
-        try:
-            train_main()
-            ok = True
-        except SystemExit as e:
-            ok = e.code in (0, None)
-            raise
-        finally:
-            distributed.shutdown(ok)
-        return 0
+        return train(rest)
     if cmd == "compare":
         from fwsel.compare import main as compare_main
 
@@ -60,13 +50,75 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-def _key(override: str) -> str:
+def train(rest: list[str]) -> int:
+    """`fwsel train ...`: check and rewrite the argv, then hand it to Hydra."""
+    from fwsel.errors import FwselError
+
+    if "-h" in rest or "--help" in rest:
+        from fwsel.confdoc import help_text
+
+        print(help_text(rest))
+        return 0
+    from fwsel import threads
+
+    try:
+        threads.configure(rest)  # before torch loads: OpenMP reads its environment once
+        rest = resume_argv(run_dir_args(rest))  # torchrun: one run dir for all ranks
+        check_keys(rest)
+        if env_world()[0] == 0:  # rank 0 alone checks (the others would see its files)
+            check_output_dir(rest)
+        rest = rank_args(rest)
+    except FwselError as e:
+        print(f"fwsel train: {e}", file=sys.stderr)
+        return 1
+    from fwsel import distributed
+    from fwsel.train import main as train_main
+
+    sys.argv = ["fwsel", *rest]
+    distributed.init()  # joins torchrun's process group; nothing in one process
+    ok = False
+    try:
+        train_main()
+        ok = True
+    except SystemExit as e:
+        ok = e.code in (0, None)
+        raise
+    finally:
+        distributed.shutdown(ok)
+    return 0
+
+
+# ---------------------------------------------------------------- overrides
+def override_key(override: str) -> str:
+    """`+a.b=1`, `~a.b`, `++a.b=1` -> `a.b` (the one parser of an override's key)."""
     return override.split("=", 1)[0].lstrip("+~")
+
+
+def overrides(args: list[str]) -> list[str]:
+    """The KEY=VALUE arguments (flags such as -m and --cfg job's `job` aside)."""
+    return [a for a in args if not a.startswith("-") and "=" in a]
 
 
 def _quote(path: str) -> str:
     """A path as an override value (Hydra's parser needs quotes around spaces, '=' and the like)."""
     return path if re.fullmatch(r"[\w/.:@+-]+", path) else "'" + path.replace("'", "\\'") + "'"
+
+
+def check_keys(args: list[str]) -> None:
+    """Refuse, in one line with the nearest declared key, an override no config declares
+    (Hydra would only hint `+lr=...`, which then runs with `optim.lr` unchanged)."""
+    from fwsel import confdoc
+    from fwsel.errors import ConfigError
+
+    given = [override_key(a) for a in overrides(args) if not a.startswith("~")]
+    if not given:
+        return
+    conf = confdoc.conf_dir()
+    keys, groups = confdoc.declared(conf), confdoc.groups(conf)
+    for key in given:
+        msg = confdoc.unknown(key, keys, groups)
+        if msg:
+            raise ConfigError(msg)
 
 
 def resume_argv(rest: list[str]) -> list[str]:
@@ -77,29 +129,32 @@ def resume_argv(rest: list[str]) -> list[str]:
     """
     from omegaconf import OmegaConf
 
-    from fwsel.checkpoint import RESUME_SAFE, RESUME_SAFE_HYDRA
     from fwsel.errors import FwselError
 
-    given = [a for a in rest if not a.startswith("-") and _key(a) == "resume"]
+    given = [a for a in rest if not a.startswith("-") and override_key(a) == "resume"]
     if not given:
         return rest
+    from fwsel.checkpoint import RESUME_SAFE, RESUME_SAFE_HYDRA  # torch: the threads are set by now
+
     run_dir = os.path.abspath(os.path.expanduser(given[-1].split("=", 1)[1].strip("'\"")))
     flags = [a for a in rest if a.startswith("-") or "=" not in a]
     if "-m" in flags or "--multirun" in flags:
-        raise FwselError("resume= continues one run; to resume a sweep re-run its command with the same hydra.sweep.dir")
+        raise FwselError("resume= continues one run; to resume a sweep re-run its command with the same "
+                         "hydra.sweep.dir")
     path = os.path.join(run_dir, ".hydra", "overrides.yaml")
     if not os.path.isfile(path):
         raise FwselError(f"resume={run_dir}: not a fwsel run dir (no .hydra/overrides.yaml)")
-    saved = [str(o) for o in OmegaConf.to_container(OmegaConf.load(path)) if _key(str(o)) != "resume"]
+    saved = [str(o) for o in OmegaConf.to_container(OmegaConf.load(path)) if override_key(str(o)) != "resume"]
     extras = [a for a in rest if a not in flags and a not in given]
     safe = lambda k: any(k == s or k.startswith(s + ".") for s in (*RESUME_SAFE, *RESUME_SAFE_HYDRA))  # noqa: E731
-    bad = sorted({_key(a) for a in extras if not safe(_key(a)) and a not in saved})
+    bad = sorted({override_key(a) for a in extras if not safe(override_key(a)) and a not in saved})
     if bad:
         raise FwselError(f"resume={run_dir}: refusing overrides that would change the run: {', '.join(bad)} "
-                         f"(allowed with resume=: {', '.join(k for k in RESUME_SAFE if k != 'resume')}, hydra logging); "
+                         f"(allowed with resume=: {', '.join(k for k in RESUME_SAFE if k != 'resume')}, "
+                         f"hydra logging); "
                          f"start a new run to change them")
-    over = {_key(a) for a in extras}
-    return [*[o for o in saved if _key(o) not in over], *extras, f"resume={_quote(run_dir)}",
+    over = {override_key(a) for a in extras}
+    return [*[o for o in saved if override_key(o) not in over], *extras, f"resume={_quote(run_dir)}",
             f"hydra.run.dir={_quote(run_dir)}", *flags]
 
 
@@ -110,7 +165,7 @@ def check_output_dir(args: list[str]) -> None:
 
     multirun = "-m" in args or "--multirun" in args
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    vals = [a.split("=", 1)[1].strip("'\"") for a in args if not a.startswith("-") and _key(a) == key]
+    vals = [a.split("=", 1)[1].strip("'\"") for a in args if not a.startswith("-") and override_key(a) == key]
     target = (vals[-1] if vals else "multirun" if multirun else "outputs").split("${", 1)[0] or "."
     probe = os.path.abspath(os.path.expanduser(target))
     while not os.path.exists(probe):
@@ -120,10 +175,76 @@ def check_output_dir(args: list[str]) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise FwselError(f"cannot create the output dir {target}: {probe} is not writable")
     metrics = os.path.join(probe, "metrics.jsonl")
-    if not multirun and not any(_key(a) == "resume" for a in args) and os.path.isfile(metrics) \
+    if not multirun and not any(override_key(a) == "resume" for a in args) and os.path.isfile(metrics) \
             and os.path.getsize(metrics) > 0:  # never append to (or rewrite the .hydra/ of) another run
         raise FwselError(f"{probe} already holds a run: continue it with `fwsel train resume={probe}` "
                          f"or choose a new hydra.run.dir")
+
+
+# ---------------------------------------------------------------- the console's log handler
+def console_handler(**rich_kwargs):
+    """rich's handler on a terminal; off one (a pipe, a file, a job scheduler's log) one plain line
+    per record with time and level, so a line is never wrapped at 80 columns and greps whole."""
+    if sys.stdout.isatty():  # rich's console writes to stdout
+        from rich.logging import RichHandler
+
+        return RichHandler(**rich_kwargs)
+    return PlainHandler(sys.stdout)
+
+
+class PlainHandler(logging.StreamHandler):
+    def format(self, record) -> str:
+        import time
+
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        return f"[{stamp}] {record.levelname:<7} {super().format(record)}"
+
+
+# ---------------------------------------------------------------- the command line under torchrun
+def env_world(env=os.environ) -> tuple[int, int]:
+    """(rank, world size) as torchrun sets them; (0, 1) outside torchrun."""
+    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+
+
+def run_dir_args(args: list[str], env=os.environ) -> list[str]:
+    """Under torchrun, one run dir for every rank: Hydra's default `${now:...}` differs per process.
+
+    Kept: an explicit `hydra.run.dir=` (`hydra.sweep.dir=` with -m) or `resume=`. Else the dir
+    is `outputs/torchrun/<run id>` (`multirun/torchrun/<run id>`) from TORCHELASTIC_RUN_ID
+    (torchrun's --rdzv-id; --standalone makes a fresh one). When torchrun restarts a failed
+    group (--max-restarts), that dir already holds the run: it is resumed.
+    """
+    from fwsel.errors import FwselError
+
+    rank, world = env_world(env)
+    if world <= 1:
+        return args
+    multirun = "-m" in args or "--multirun" in args
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if any(not a.startswith("-") and override_key(a) in (key, "resume") for a in args):
+        return args
+    run_id = env.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id in ("", "none"):
+        raise FwselError(f"under torchrun ({world} processes) every rank must write into one dir: give {key}=<dir>, "
+                         f"or start torchrun with --rdzv-id=<name> (or --standalone) to derive it from the run id")
+    path = os.path.join("multirun" if multirun else "outputs", "torchrun", run_id)
+    restarted = int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if restarted and not multirun and os.path.isfile(os.path.join(path, ".hydra", "overrides.yaml")):
+        return [*args, f"resume={path}"]
+    return [*args, f"{key}={path}"]
+
+
+def rank_args(args: list[str], env=os.environ) -> list[str]:
+    """Ranks > 0 write nothing: no .hydra/ dir, console-only logging (warnings and errors)."""
+    rank, world = env_world(env)
+    if world <= 1 or rank == 0:
+        return args
+    extra = ["hydra.output_subdir=null"]
+    if not any(override_key(a) == "hydra/job_logging" for a in args):
+        extra.append("hydra/job_logging=rich_console")
+    if "-m" in args or "--multirun" in args:
+        extra.append("~hydra.callbacks.compare")  # rank 0 writes the sweep's table and curves
+    return [*args, *extra]
 
 
 if __name__ == "__main__":

@@ -3,7 +3,13 @@
 Every job is a directory holding `summary.json` (possibly nested at any depth); a directory
 with `.hydra/` but no `summary.json` is a job that never got going ("missing"). Only jobs
 whose status is `ok` or `exhausted` enter the numbers; the others are counted and listed so
-a failed or killed (`running`) job is never silently dropped.
+a failed or killed (`running`) job is never silently dropped. A job that failed before its
+first metrics line (a config error) is left out of the table and named below it.
+
+Jobs are grouped by selector and budget, and also by every other config key whose value
+differs between them (a re-run with `steps=50` in the same sweep dir becomes its own arm,
+`random steps=50`, compared with the random of the same settings): numbers never mix.
+`fwsel compare <run dir>` works on a single run too.
 """
 
 from __future__ import annotations
@@ -20,17 +26,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
 from rich.console import Console
 from rich.table import Table
+
+from fwsel.outputs import FINISHED, read_jsonl
 
 log = logging.getLogger(__name__)
 
 REFERENCE = ("full", "source_oracle")  # diagnostic ceilings: shown apart, not budget-matched arms
 BASELINE = "random"  # the arm whose final loss defines "steps to target"
-DONE = ("ok", "exhausted")  # statuses whose numbers are trusted
-STATUSES = ("ok", "exhausted", "failed", "interrupted", "running", "missing")
+STATUSES = (*FINISHED, "failed", "interrupted", "running", "missing")
 LAST_EVALS = 3  # random's final loss = mean of its last this-many evals
+# keys that do not change the numbers compared (besides the table's own axes: selector, budget, seed)
+NOT_A_VARIANT = ("seed", "budget", "selector.name", "resume", "progress", "tracker", "checkpoint_every",
+                 "checkpoint_keep", "max_bad_steps", "save_model", "threads", "eval_samples", "device",
+                 "micro_batch_size", "loss_chunk_tokens", "engine.micro_batch_size", "engine.loss_chunk_tokens",
+                 "diagnostics")
 
 
 class CompareError(Exception):
@@ -54,25 +65,47 @@ class Job:
     evals: list[tuple[int, float, float]] = field(default_factory=list)  # (step, examples_seen, loss)
     sec_cum: dict[int, float] = field(default_factory=dict)  # step -> cumulative sec_step
     picks: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (step, selected_per_source)
+    rows: int = 0  # metrics lines read
+    config: dict[str, Any] = field(default_factory=dict)  # flattened, from fwsel_config.yaml or .hydra/config.yaml
+    variant: str = ""  # the differing keys outside selector.*, e.g. "steps=50" (the baseline must match it)
+    sel_variant: str = ""  # the differing selector.* keys among jobs of this selector
 
     @property
     def done(self) -> bool:
-        return self.status in DONE
+        return self.status in FINISHED
+
+    @property
+    def started(self) -> bool:
+        """False for a job that failed before its first metrics line (a config error)."""
+        return not (self.status == "failed" and self.rows == 0)
+
+    @property
+    def arm(self) -> str:
+        """The row label: the selector, plus whatever else differs."""
+        return " ".join(x for x in (self.selector, self.variant, self.sel_variant) if x)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; a torn last line (killed writer) is skipped, not fatal."""
-    rows = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _load_config(run_dir: Path) -> dict[str, Any]:
+    """The job's config, flattened ({} when unreadable: such a job is never split off)."""
+    from omegaconf import OmegaConf
+
+    for path in (run_dir / "fwsel_config.yaml", run_dir / ".hydra" / "config.yaml"):
+        if path.is_file():
+            try:
+                return _flat(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+            except Exception:  # noqa: BLE001 - a damaged config only loses the grouping
+                return {}
+    return {}
 
 
 def _load_job(summary_path: Path) -> Job:
@@ -84,9 +117,11 @@ def _load_job(summary_path: Path) -> Job:
     job = Job(d, str(s.get("status") or "running"), str(s.get("selector") or "?"), s.get("budget"),
               s.get("seed"), s.get("steps"), s.get("eval_every"), s.get("target_eval_loss"),
               s.get("target_eval_acc"), s.get("error"))
+    job.config = _load_config(d)
     total = 0.0
     last_acc = None
-    for row in _read_jsonl(d / "metrics.jsonl"):
+    for row in read_jsonl(d / "metrics.jsonl", on_bad="skip"):
+        job.rows += 1
         step = row.get("step")
         if step is None:
             continue
@@ -114,7 +149,28 @@ def _load_missing(run_dir: Path) -> Job:
         sel, budget, seed = (OmegaConf.select(cfg, k, default=None) for k in ("selector.name", "budget", "seed"))
     except Exception:  # an unreadable config still counts as a missing job
         pass
-    return Job(run_dir, "missing", str(sel or "?"), budget, seed, error="no summary.json")
+    return Job(run_dir, "missing", str(sel or "?"), budget, seed, error="no summary.json",
+               config=_load_config(run_dir))
+
+
+def _differing(jobs: list[Job], keys) -> list[str]:
+    return [k for k in sorted(keys) if len({repr(j.config.get(k)) for j in jobs if j.config}) > 1]
+
+
+def label_variants(jobs: list[Job]) -> None:
+    """Set each job's variant: its values of the config keys that differ between the jobs
+    (selector.* keys only among jobs of the same selector)."""
+    def counts(k: str) -> bool:
+        return not any(k == n or k.startswith(n + ".") for n in NOT_A_VARIANT)
+
+    shared = _differing(jobs, {k for j in jobs for k in j.config if counts(k) and not k.startswith("selector.")})
+    for j in jobs:
+        j.variant = " ".join(f"{k}={j.config.get(k)}" for k in shared) if j.config else ""
+    for sel in {j.selector for j in jobs}:
+        group = [j for j in jobs if j.selector == sel]
+        own = _differing(group, {k for j in group for k in j.config if counts(k) and k.startswith("selector.")})
+        for j in group:
+            j.sel_variant = " ".join(f"{k}={j.config.get(k)}" for k in own) if j.config else ""
 
 
 def find_jobs(dirs: list[str | Path]) -> list[Job]:
@@ -131,16 +187,6 @@ def find_jobs(dirs: list[str | Path]) -> list[Job]:
     if not seen:
         raise CompareError(f"no jobs found under {', '.join(map(str, dirs))} (looked for **/summary.json)")
     return list(seen.values())
-
-
-def _check_eval_every(jobs: list[Job]) -> None:
-    values: dict[Any, set[str]] = {}
-    for j in jobs:
-        if j.done and j.eval_every is not None:
-            values.setdefault(j.eval_every, set()).add(j.selector)
-    if len(values) > 1:
-        parts = "; ".join(f"eval_every={k} ({', '.join(sorted(v))})" for k, v in sorted(values.items()))
-        raise CompareError(f"runs differ in eval_every, so steps-to-target is not comparable: {parts}")
 
 
 def _target_loss(job: Job) -> float | None:
@@ -176,34 +222,40 @@ def _shares(job: Job) -> dict[str, float]:
     return {k: v / total for k, v in counts.items()} if total else {}
 
 
-def _order(selectors) -> list[str]:
-    """random first, then the arms alphabetically, then the reference rows."""
-    sel = set(selectors)
-    arms = sorted(s for s in sel if s not in REFERENCE and s != BASELINE)
-    return ([BASELINE] if BASELINE in sel else []) + arms + [r for r in REFERENCE if r in sel]
+def _rank(selector: str) -> int:
+    return 0 if selector == BASELINE else 2 + REFERENCE.index(selector) if selector in REFERENCE else 1
+
+
+def _order(arms) -> list[str]:
+    """random first, then the arms alphabetically, then the reference rows (variants after their selector)."""
+    return sorted(set(arms), key=lambda a: (_rank(a.split(" ", 1)[0]), a))
 
 
 def aggregate(jobs: list[Job]) -> list[dict]:
-    """One row per selector × budget: the numbers in the table and summary.csv."""
-    _check_eval_every(jobs)
-    targets = {(j.budget, j.seed): _target_loss(j) for j in jobs if j.selector == BASELINE and j.done}
+    """One row per arm × budget (arm: selector plus differing keys): the numbers in the table and summary.csv."""
+    label_variants(jobs)
+    targets = {(j.variant, j.budget, j.seed): _target_loss(j) for j in jobs if j.selector == BASELINE and j.done}
     sources = sorted({src for j in jobs if j.done for _, per in j.picks for src in per})
     cells: dict[tuple, list[Job]] = {}
     for j in jobs:
-        cells.setdefault((j.selector, j.budget), []).append(j)
+        cells.setdefault((j.arm, j.budget), []).append(j)
     rows = []
-    for sel in _order({s for s, _ in cells}):
-        for budget in sorted({b for s, b in cells if s == sel}, key=lambda b: (b is None, b or 0)):
-            group = cells[(sel, budget)]
+    for arm in _order({a for a, _ in cells}):
+        for budget in sorted({b for a, b in cells if a == arm}, key=lambda b: (b is None, b or 0)):
+            group = cells[(arm, budget)]
+            sel = group[0].selector
             done = [j for j in group if j.done]
-            reach = [_reach(j, targets[(budget, j.seed)]) for j in done
-                     if targets.get((budget, j.seed)) is not None and j.evals and j.steps]
+            reach = [_reach(j, targets[(j.variant, budget, j.seed)]) for j in done if sel != BASELINE
+                     and targets.get((j.variant, budget, j.seed)) is not None and j.evals and j.steps]
             loss_m, loss_s = _stats([j.loss for j in done])
             acc_m, acc_s = _stats([j.acc for j in done])
             shares = [_shares(j) for j in done]
-            row = {"selector": sel, "budget": budget, "reference": sel in REFERENCE,
+            row = {"selector": sel, "arm": arm, "variant": " ".join(x for x in (group[0].variant,
+                                                                             group[0].sel_variant) if x),
+                   "budget": budget, "reference": sel in REFERENCE,
                    "seeds": len({j.seed for j in done}),
                    **{f"n_{st}": sum(j.status == st for j in group) for st in STATUSES},
+                   "min_evals": min((len(j.evals) for j in done), default=None),
                    "loss_mean": loss_m, "loss_std": loss_s, "acc_mean": acc_m, "acc_std": acc_s,
                    "steps_to_random_ratio": statistics.median(r for r, _ in reach) if reach else None,
                    "sec_to_random": statistics.median(s for _, s in reach) if reach else None,
@@ -241,7 +293,7 @@ LINES = ("final loss", "final acc", f"→ {BASELINE}", "jobs")  # what each line
 
 def _cell(r: dict) -> str:
     reach = "—" if r["steps_to_random_ratio"] is None else \
-        f"{_ratio(r['steps_to_random_ratio'])} ({_secs(r['sec_to_random'])})"
+        f"{_ratio(r['steps_to_random_ratio'])} ({_secs(r['sec_to_random'])})"  # random's own: "—"
     return "\n".join((_pm(r["loss_mean"], r["loss_std"]), _pm(r["acc_mean"], r["acc_std"], 3), reach, _jobs_cell(r)))
 
 
@@ -256,11 +308,11 @@ def render(rows: list[dict]) -> list:
     t.add_column("")
     for b in budgets:
         t.add_column(f"budget {b:g}", justify="right")
-    by = {(r["selector"], r["budget"]): r for r in rows}
-    sels = _order({r["selector"] for r in rows})
-    for sel in sels:
-        label = f"{sel}\n(reference)" if sel in REFERENCE else sel
-        t.add_row(label, "\n".join(LINES), *(_cell(by[(sel, b)]) if (sel, b) in by else "" for b in budgets),
+    by = {(r["arm"], r["budget"]): r for r in rows}
+    for arm in _order({r["arm"] for r in rows}):
+        label = arm.replace(" ", "\n", 1)
+        label = f"{label}\n(reference)" if arm.split(" ", 1)[0] in REFERENCE else label
+        t.add_row(label, "\n".join(LINES), *(_cell(by[(arm, b)]) if (arm, b) in by else "" for b in budgets),
                   end_section=True)
     out = [t]
     sources = [k[5:] for k in rows[0] if k.startswith("frac_")] if rows else []
@@ -270,7 +322,7 @@ def render(rows: list[dict]) -> list:
         for s in sources:
             t.add_column(s, justify="right")
         for r in rows:
-            t.add_row(f"{r['selector']} @ {r['budget']}",
+            t.add_row(f"{r['arm']} @ {r['budget']}",
                       *("—" if r[f"frac_{s}"] is None else f"{r[f'frac_{s}']:.2f}" for s in sources))
         out.append(t)
     bad = [j for r in rows for j in r["_jobs"] if not j.done]
@@ -278,7 +330,19 @@ def render(rows: list[dict]) -> list:
         lines = [f"[red]{'running/killed' if j.status == 'running' else j.status}[/]: {j.path}"
                  + (f" — {j.error}" if j.error else "") for j in bad]
         out.append("\n".join(["jobs not counted:", *lines]))
+    few = [r for r in rows if r["min_evals"] is not None and r["min_evals"] < LAST_EVALS]
+    for r in few:
+        out.append(f"[yellow]warning[/]: {r['arm']} @ budget {r['budget']:g} has jobs with only {r['min_evals']} "
+                   f"eval(s), fewer than {LAST_EVALS}: its final loss and steps-to-target are coarse "
+                   f"(lower eval_every or raise steps)")
     return out
+
+
+def _unstarted_note(jobs: list[Job]) -> str | None:
+    if not jobs:
+        return None
+    lines = [f"  {j.path}" + (f" — {j.error}" if j.error else "") for j in jobs]
+    return "\n".join([f"left out: {len(jobs)} job(s) that failed before their first step:", *lines])
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -297,7 +361,11 @@ def compare_dirs(dirs: list[str | Path], out: str | Path | None = None,
     """
     from fwsel.compare_plots import plot_curves, plot_selection
 
-    jobs = find_jobs(dirs)
+    found = find_jobs(dirs)
+    jobs = [j for j in found if j.started]
+    if not jobs:
+        raise CompareError(f"no job under {', '.join(map(str, dirs))} got to its first step "
+                           f"({len(found)} failed before it: see their summary.json)")
     rows = aggregate(jobs)
     out = Path(out if out is not None else dirs[0])
     out.mkdir(parents=True, exist_ok=True)
@@ -305,7 +373,8 @@ def compare_dirs(dirs: list[str | Path], out: str | Path | None = None,
     plot_curves(rows, out / "curves.png")
     plot_selection(rows, out / "selection.png")
     buf = Console(file=io.StringIO(), width=140, no_color=True, force_terminal=False)
-    for r in render(rows):
+    note = _unstarted_note([j for j in found if not j.started])
+    for r in [*render(rows), *([note] if note else [])]:
         buf.print(r)
         if console is not None:
             console.print(r)
@@ -334,8 +403,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class CompareCallback(Callback):
-    """Runs `fwsel compare` on the sweep dir when a multirun ends (Hydra skips it if a job failed)."""
+class CompareCallback:
+    """Runs `fwsel compare` on the sweep dir when a multirun ends (Hydra skips it if a job failed).
+
+    Hydra calls every hook of a callback by name; the others are no-ops (`__getattr__`), so this
+    module need not import Hydra's base class (`fwsel compare --help` stays quick)."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = None

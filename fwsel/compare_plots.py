@@ -44,7 +44,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             x = np.array([np.mean([s for s, _ in per_step[t]]) for t in steps])
             ys = [np.array([v for _, v in per_step[t]]) for t in steps]
             style = "--" if r["reference"] else "-"
-            (line,) = ax.plot(x, [y.mean() for y in ys], style, label=f"{r['selector']} (n={r['seeds']})")
+            (line,) = ax.plot(x, [y.mean() for y in ys], style, label=f"{r['arm']} (n={r['seeds']})")
             ax.fill_between(x, [y.min() for y in ys], [y.max() for y in ys], color=line.get_color(), alpha=0.2)
         ax.set_title(f"budget {b:g}")
         ax.set_xlabel("examples seen")
@@ -79,7 +79,7 @@ def _share_series(jobs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
 def plot_selection(rows: list[dict], path: Path) -> None:
     """Per selector (row) and budget (column): stacked share of each source among selected rows over steps."""
     budgets = _budgets(rows)
-    series = {(r["selector"], r["budget"]): _share_series(r["_jobs"]) for r in rows}
+    series = {(r["arm"], r["budget"]): _share_series(r["_jobs"]) for r in rows}
     selectors = list(dict.fromkeys(s for (s, _), (x, _) in series.items() if len(x)))  # rows with data only
     sources = sorted({src for _, sh in series.values() for src in sh})
     if not sources or not budgets:

@@ -1,9 +1,15 @@
-"""Checks that run before training starts: one line naming the key and what is allowed."""
+"""Checks that run before training starts: one line naming the key and what is allowed.
+
+The one validation layer: the selector's own checks (its constructor) surface here as the same
+one-line ConfigError, before any model or data is built.
+"""
 
 from __future__ import annotations
 
 from fwsel.errors import ConfigError
 from fwsel.schedule import SCHEDULES
+
+MODEL_DTYPES = {"tiny": ("fp32", "fp64"), "hf": ("auto", "bf16", "fp16", "fp32", "fp64")}  # model.kind -> dtypes
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -16,31 +22,30 @@ def validate(cfg) -> None:
            f"budget must be in (0, 1], got {cfg.budget!r}")
     for key in ("batch_size", "steps", "eval_every", "checkpoint_keep", "max_bad_steps"):
         v = cfg[key]
+        if key == "steps" and v is None:  # until the data is used up (fwsel.data.total_steps)
+            continue
         _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{key} must be an integer >= 1, got {v!r}")
+    epochs = cfg.data.get("epochs", 1)
+    _check(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1,
+           f"data.epochs must be an integer >= 1, got {epochs!r}")
     every = cfg.checkpoint_every
     _check(every is None or (isinstance(every, int) and not isinstance(every, bool) and every >= 1),
            f"checkpoint_every must be null or an integer >= 1, got {cfg.checkpoint_every!r}")
     _check(cfg.target.batch_size >= 1, f"target.batch_size must be >= 1, got {cfg.target.batch_size!r}")
-    _check(cfg.micro_batch_size is None or int(cfg.micro_batch_size) >= 1,
-           f"micro_batch_size must be null or >= 1, got {cfg.micro_batch_size!r}")
-    _check(cfg.get("grad_path", "auto") in ("auto", "materialize", "ghost"),
-           f"grad_path must be auto|materialize|ghost, got {cfg.get('grad_path')!r}")
-    proj = cfg.selector.get("projection_dim")
-    _check(proj is None or (isinstance(proj, int) and not isinstance(proj, bool) and proj >= 1),
-           f"selector.projection_dim must be null or an integer >= 1, got {proj!r}")
-    _check(cfg.selector.get("projection", "countsketch") in ("countsketch", "factored"),
-           f"selector.projection must be countsketch|factored, got {cfg.selector.get('projection')!r}")
+    validate_engine(cfg.engine)
+    build_selector(cfg.selector)
     _check(cfg.optim.schedule in SCHEDULES,
            f"optim.schedule must be one of {'|'.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
     _check(cfg.optim.max_grad_norm is None or float(cfg.optim.max_grad_norm) > 0,
            f"optim.max_grad_norm must be null or > 0, got {cfg.optim.max_grad_norm!r}")
-    allowed = {"tiny": ("fp32", "fp64"), "hf": ("auto", "bf16", "fp16", "fp32", "fp64")}
+    allowed = MODEL_DTYPES
     _check(cfg.model.kind in allowed, f"model.kind must be one of tiny|hf, got {cfg.model.kind!r}")
     _check(cfg.model.dtype in allowed[cfg.model.kind],
            f"model.dtype must be one of {'|'.join(allowed[cfg.model.kind])}, got {cfg.model.dtype!r}")
     _check(cfg.model.kind != "hf" or bool(cfg.model.get("name_or_path")),
            "model.name_or_path is required for model.kind=hf: a hub name or a local dir")
-    _check(cfg.data.kind in ("synthetic", "jsonl", "hf"), f"data.kind must be one of synthetic|jsonl|hf, got {cfg.data.kind!r}")
+    _check(cfg.data.kind in ("synthetic", "jsonl", "hf"),
+           f"data.kind must be one of synthetic|jsonl|hf, got {cfg.data.kind!r}")
     _check(cfg.data.get("on_error", "raise") in ("raise", "skip"),
            f"data.on_error must be raise|skip, got {cfg.data.get('on_error')!r}")
     _check(cfg.target.get("from_stream") is None or int(cfg.target.from_stream) >= 2,
@@ -54,3 +59,43 @@ def validate(cfg) -> None:
                                           f"(torch {torch.__version__}); use device=auto or device=cpu")
     _check(str(cfg.progress).lower() in ("auto", "true", "false"),
            f"progress must be auto|true|false, got {cfg.progress!r}")
+
+
+def _int_or_null(v, minimum: int = 1) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= minimum)
+
+
+def validate_engine(eng) -> None:
+    """The `engine:` group (fwsel.grads.dist.build_engine reads exactly these keys)."""
+    from fwsel.grads.engine import GHOST_B
+    from fwsel.grads.ghost import PATHS
+    from fwsel.grads.project import KINDS
+
+    _check(eng.grad_path in PATHS, f"engine.grad_path must be one of {'|'.join(PATHS)}, got {eng.grad_path!r}")
+    _check(eng.get("ghost_b", "exact") in GHOST_B,
+           f"engine.ghost_b must be one of {'|'.join(GHOST_B)}, got {eng.get('ghost_b')!r}")
+    _check(_int_or_null(eng.projection_dim),
+           f"engine.projection_dim must be null or an integer >= 1, got {eng.projection_dim!r}")
+    _check(eng.projection in KINDS, f"engine.projection must be one of {'|'.join(KINDS)}, got {eng.projection!r}")
+    _check(eng.projection_dim is None or eng.grad_path != "ghost",
+           "engine.grad_path=ghost does not combine with engine.projection_dim (a sketch needs materialised rows)")
+    _check(_int_or_null(eng.micro_batch_size),
+           f"engine.micro_batch_size must be null or an integer >= 1, got {eng.micro_batch_size!r}")
+    _check(_int_or_null(eng.loss_chunk_tokens) and eng.loss_chunk_tokens is not None,
+           f"engine.loss_chunk_tokens must be an integer >= 1, got {eng.loss_chunk_tokens!r}")
+
+
+def build_selector(scfg):
+    """The selector of the `selector:` group; a value its constructor refuses is a ConfigError."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(scfg, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ValueError):
+            raise ConfigError(str(cause)) from None
+        if isinstance(cause, TypeError):  # e.g. a missing required key
+            raise ConfigError(f"selector ({scfg.get('_target_')}): {cause}") from None
+        raise

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
+from fwsel.cli import env_world  # the launcher's environment, read by the CLI too
 from fwsel.errors import ConfigError, FwselError
 
 _COMM = None
@@ -42,11 +43,6 @@ def _collective(rank: int, what: str):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PeerError(f"rank {rank}: {what} failed, most likely because another rank stopped (its error is "
                         f"printed above): {first}") from None
-
-
-def env_world(env=os.environ) -> tuple[int, int]:
-    """(rank, world size) as torchrun sets them; (0, 1) outside torchrun."""
-    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
 
 
 class Comm:
@@ -233,47 +229,3 @@ def shutdown(ok: bool) -> None:
         dist.barrier()
         dist.destroy_process_group()
     _COMM = None
-
-
-# ---- the command line under torchrun (used by fwsel.cli before Hydra starts)
-def _key(arg: str) -> str:
-    return arg.split("=", 1)[0].lstrip("+~")
-
-
-def run_dir_args(args: list[str], env=os.environ) -> list[str]:
-    """Under torchrun, one run dir for every rank: Hydra's default `${now:...}` differs per process.
-
-    Kept: an explicit `hydra.run.dir=` (`hydra.sweep.dir=` with -m) or `resume=`. Else the dir
-    is `outputs/torchrun/<run id>` (`multirun/torchrun/<run id>`) from TORCHELASTIC_RUN_ID
-    (torchrun's --rdzv-id; --standalone makes a fresh one). When torchrun restarts a failed
-    group (--max-restarts), that dir already holds the run: it is resumed.
-    """
-    rank, world = env_world(env)
-    if world <= 1:
-        return args
-    multirun = "-m" in args or "--multirun" in args
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    if any(not a.startswith("-") and _key(a) in (key, "resume") for a in args):
-        return args
-    run_id = env.get("TORCHELASTIC_RUN_ID", "none")
-    if run_id in ("", "none"):
-        raise FwselError(f"under torchrun ({world} processes) every rank must write into one dir: give {key}=<dir>, "
-                         f"or start torchrun with --rdzv-id=<name> (or --standalone) to derive it from the run id")
-    path = os.path.join("multirun" if multirun else "outputs", "torchrun", run_id)
-    restarted = int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if restarted and not multirun and os.path.isfile(os.path.join(path, ".hydra", "overrides.yaml")):
-        return [*args, f"resume={path}"]
-    return [*args, f"{key}={path}"]
-
-
-def rank_args(args: list[str], env=os.environ) -> list[str]:
-    """Ranks > 0 write nothing: no .hydra/ dir, console-only logging (warnings and errors)."""
-    rank, world = env_world(env)
-    if world <= 1 or rank == 0:
-        return args
-    extra = ["hydra.output_subdir=null"]
-    if not any(_key(a) == "hydra/job_logging" for a in args):
-        extra.append("hydra/job_logging=rich_console")
-    if "-m" in args or "--multirun" in args:
-        extra.append("~hydra.callbacks.compare")  # rank 0 writes the sweep's table and curves
-    return [*args, *extra]

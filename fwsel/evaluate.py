@@ -69,3 +69,34 @@ def evaluate(model, collate, rows: list[dict], device, chunk_tokens: int, batch_
     finally:
         model.train(was_training)
     return out
+
+
+SAMPLE_TOKENS = 32  # at most this many new tokens per sample (the reference's length + a few, when shorter)
+
+
+@torch.no_grad()
+def samples(model, collate, rows: list[dict], device, n: int) -> list[dict]:
+    """The first `n` eval rows that have a prompt, with the model's greedy completion next to the
+    reference. Greedy decoding draws no random number; the RNG state is restored all the same."""
+    tok, out = collate.tok, []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for row in rows:
+                if len(out) >= n:
+                    break
+                head, prompt, ref = collate.parts(row, eos=False)
+                if not prompt:  # a `text` row: nothing to complete from
+                    continue
+                ids = torch.tensor([(head + prompt)[-(collate.max_len - 1):]], device=device)
+                pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=min(SAMPLE_TOKENS, len(ref) + 4), pad_token_id=pad)
+                new = gen[0, ids.shape[1]:].tolist()
+                out.append({"id": row["id"], "prompt": tok.decode(prompt, skip_special_tokens=True)[-200:],
+                            "reference": tok.decode(ref, skip_special_tokens=True),
+                            "completion": tok.decode(new, skip_special_tokens=True)})
+    finally:
+        model.train(was_training)
+    return out

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from fwsel.errors import FwselError
+from fwsel.outputs import iter_jsonl
 
 CHUNK = 4096  # ids looked up per call: bounds memory on long runs
 RESERVED = ("id", "step", "weight", "source")  # keys the export writes itself
@@ -28,18 +29,13 @@ def _selected(run_dir: Path) -> Iterator[tuple[int, str, float]]:
     path = run_dir / "selected.jsonl"
     if not path.is_file():
         raise ExportError(f"no selected.jsonl in {run_dir}")
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            ids = rec.get("ids") or []
-            weights = rec.get("weights") or [1.0] * len(ids)
-            if len(weights) != len(ids):
-                raise ExportError(f"{path}: step {rec.get('step')} has {len(ids)} ids but {len(weights)} weights")
-            for i, w in zip(ids, weights):
-                yield rec.get("step"), str(i), w
+    for rec in iter_jsonl(path, on_bad="skip"):
+        ids = rec.get("ids") or []
+        weights = rec.get("weights") or [1.0] * len(ids)
+        if len(weights) != len(ids):
+            raise ExportError(f"{path}: step {rec.get('step')} has {len(ids)} ids but {len(weights)} weights")
+        for i, w in zip(ids, weights):
+            yield rec.get("step"), str(i), w
 
 
 def _flush(cfg, batch: list[tuple[int, str, float]], f) -> int:

@@ -7,7 +7,7 @@ with dropout > 0 the two differ by the dropout noise too). `summarise` gives Spe
 Pearson over the steps after warm-up, raw and with the LR divided out (a decaying schedule
 alone makes prediction and measurement shrink together).
 
-The predictions (METHOD section 4), with `u = clip * w / |S|` the applied weights:
+The predictions (docs/method.md#diagnostics), with `u = clip * w / |S|` the applied weights:
 - ftw (adam): the linearised AdamW step `dtheta = -eta c D z`, `z = g_hat + (beta/c) m +
   (lam/c) D^-1 theta` (momentum and decay drift included), under Adam's own curvature model
   `H = h D^-1` with `alpha = h eta c` (`selector.alpha`, 1: the step on g_T is the Newton
@@ -62,13 +62,6 @@ def measured_change(model, batch: dict, before, chunk_tokens: int) -> float | No
     before = torch.as_tensor(before, dtype=torch.float64)
     ok = torch.isfinite(after) & torch.isfinite(before)
     return float(after[ok].mean() - before[ok].mean()) if bool(ok.any()) else None
-
-
-def clip_coef(total_norm, max_norm) -> float:
-    """clip_grad_norm_'s factor for a known total norm (1 when it does not bind); the loop clips with it."""
-    if max_norm is None or total_norm is None:
-        return 1.0
-    return float(min(1.0, float(max_norm) / (float(total_norm) + 1e-6)))
 
 
 def summarise(rows: list[dict], warmup: int = 0, key: str = "fid_pred") -> dict[str, float]:

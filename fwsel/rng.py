@@ -7,9 +7,12 @@ generator, so evaluation, resume and rank sharding never shift another stream.
 from __future__ import annotations
 
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _key(seed: int, name: str, *more: int) -> list[int]:
@@ -24,7 +27,9 @@ def int_seed(seed: int, name: str, *more: int) -> int:
     return int(np.random.SeedSequence(_key(seed, name, *more)).generate_state(1, np.uint64)[0] >> 1)
 
 
-def torch_gen(seed: int, name: str, *more: int) -> torch.Generator:
+def torch_gen(seed: int, name: str, *more: int) -> "torch.Generator":
+    import torch  # here only: reading data (export, compare) never loads torch
+
     g = torch.Generator()
     g.manual_seed(int_seed(seed, name, *more))
     return g

@@ -52,6 +52,12 @@ class WandbTracker(NoTracker):
         for key in ("selected_per_source", "weight_per_source"):
             for src, v in (row.get(key) or {}).items():
                 flat[f"{key}/{src}"] = v
+        if row.get("samples"):  # eval prompts with the greedy completion next to the reference
+            import wandb
+
+            cols = ("id", "prompt", "reference", "completion")
+            flat["samples"] = wandb.Table(columns=["step", *cols],
+                                          data=[[step, *(s[c] for c in cols)] for s in row["samples"]])
         self.run.log(flat, step=step)
 
     def finish(self) -> None:

@@ -1,9 +1,10 @@
 """`fwsel train`: the Hydra entry point (Hydra names the job and log file after this module).
 
 A single run turns a typed error into one logged line, `status: failed` and exit 1; in a
-multirun the error is re-raised so Hydra marks only that job failed. SIGINT/SIGTERM end the
-run after the current step with a checkpoint, `status: interrupted` and exit 130/143; a
-re-run sweep skips finished jobs and resumes unfinished ones (fwsel.checkpoint).
+multirun the error is re-raised so Hydra marks only that job failed. A config error found
+before training starts leaves no run dir behind. SIGINT/SIGTERM end the run after the
+current step with a checkpoint, `status: interrupted` and exit 130/143; a re-run sweep skips
+finished jobs and resumes unfinished ones (fwsel.checkpoint).
 Under torchrun every rank runs this (fwsel.distributed); only rank 0 writes the run dir, and
 any failure ends the process, also in a sweep (the other ranks would wait for it forever).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -25,39 +27,81 @@ from omegaconf import DictConfig, OmegaConf
 
 import fwsel
 from fwsel import distributed
-from fwsel.errors import FwselError
+from fwsel.cli import override_key
+from fwsel.errors import ConfigError, FwselError
+from fwsel.outputs import FINISHED
 
 log = logging.getLogger("fwsel")
 
 PATH_KEYS = ("data.files", "data.target_files", "model.name_or_path", "data.name")
+HEARTBEAT_S = 60  # without a progress bar, a log line at least this often
 
 
 def _path_suffix(overrides) -> str:
     """Keys whose values are paths stay out of run-dir names; a short hash keeps names unique."""
-    paths = sorted(o for o in (overrides or []) if o.split("=", 1)[0].lstrip("+~") in PATH_KEYS)
+    paths = sorted(o for o in (overrides or []) if override_key(o) in PATH_KEYS)
     return "_" + hashlib.sha1("\n".join(paths).encode()).hexdigest()[:8] if paths else ""
 
 
 OmegaConf.register_new_resolver("fwsel_path_suffix", _path_suffix, replace=True)
 
 
-def _progress(cfg, steps: int, start: int = 0):
-    """A rich bar on a terminal (not in sweeps); returns (callback, close)."""
-    mode = str(cfg.progress).lower()
-    if mode == "false" or not distributed.comm().is_main or (mode == "auto" and (not sys.stderr.isatty() or HydraConfig.get().mode == RunMode.MULTIRUN)):
-        return None, lambda: None
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-    bar.start()
-    task = bar.add_task(cfg.selector.name, total=steps, completed=start, info="")
 
-    def update(step: int, row: dict) -> None:
-        info = f"loss {row['train_loss']:.3f}" if row.get("train_loss") is not None else ""
-        bar.update(task, completed=step, info=info)
+class Progress:
+    """Called after every step: a rich bar on a terminal (not in sweeps, not on ranks > 0), and
+    log lines that carry the step, seconds per step and ETA, so a log file or a pipe sees them too:
+    one per evaluation (with the sample completions), and a heartbeat every HEARTBEAT_S without a bar."""
 
-    return update, bar.stop
+    def __init__(self, cfg, steps: int, start: int) -> None:
+        self.steps, self.start, self.t0, self.last_log = steps, start, time.time(), time.time()
+        self.name, self.bar, self.task = cfg.selector.name, None, None
+        mode = str(cfg.progress).lower()
+        self.enabled = distributed.comm().is_main
+        if self.enabled and (mode == "true" or (mode == "auto" and sys.stderr.isatty()
+                                                and HydraConfig.get().mode != RunMode.MULTIRUN)):
+            from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
+
+            self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(),
+                           TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                           TimeRemainingColumn())
+            self.bar.start()
+            self.task = self.bar.add_task(self.name, total=steps, completed=start, info="")
+
+    def timing(self, step: int, eta: bool = True) -> str:
+        done = step - self.start
+        if done <= 0:
+            return ""
+        per = (time.time() - self.t0) / done
+        return f"  {per:.3f} s/step" + (f"  ETA {_duration(per * max(self.steps - step, 0))}" if eta else "")
+
+    def __call__(self, step: int, row: dict) -> None:
+        if not self.enabled:
+            return
+        loss = row.get("train_loss")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=f"loss {loss:.3f}" if loss is not None else "")
+        if row.get("target_eval_loss") is not None:
+            log.info("step %d/%d  train_loss %s  target_eval_loss %.4f  acc %.3f%s", step, self.steps,
+                     "-" if loss is None else f"{loss:.4f}", row["target_eval_loss"], row["target_eval_acc"],
+                     self.timing(step, eta=row.get("sec_step") is not None))  # a closing eval: no ETA
+            for s in row.get("samples") or []:
+                log.info("  sample %s: %r -> %r (reference %r)", s["id"], s["prompt"][-60:], s["completion"],
+                         s["reference"])
+        elif self.bar is None and time.time() - self.last_log >= HEARTBEAT_S:
+            log.info("step %d/%d  train_loss %s%s", step, self.steps, "-" if loss is None else f"{loss:.4f}",
+                     self.timing(step))
+        else:
+            return
+        self.last_log = time.time()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def _quietly(fn, *args, **kw) -> None:
@@ -68,55 +112,101 @@ def _quietly(fn, *args, **kw) -> None:
         log.warning("%s", e)
 
 
+# ---------------------------------------------------------------- summary.json, defined here once
+def start_fields(cfg, run_dir: str, previous: dict) -> dict:
+    """What summary.json says when a run (or its resume) starts."""
+    from fwsel.loop import pool_size
+
+    budget_ok = isinstance(cfg.budget, (int, float)) and 0 < cfg.budget
+    return {"status": "running", "error": None, "signal": None, "selector": cfg.selector.name,
+            "budget": float(cfg.budget), "batch_size": int(cfg.batch_size),
+            "pool_size": pool_size(int(cfg.batch_size), float(cfg.budget)) if budget_ok else None,
+            "target_batch_size": cfg.target.batch_size, "seed": cfg.seed, "steps": cfg.steps,
+            "eval_every": cfg.eval_every, "steps_done": previous.get("steps_done", 0),
+            "fwsel_version": fwsel.__version__, "torch_version": torch.__version__, "run_dir": run_dir,
+            "world_size": distributed.comm().world, "threads": torch.get_num_threads()}
+
+
+def trainer_fields(trainer) -> dict:
+    """Known once the trainer is built: the device, the budget in effect, the steps (steps=null: from the data)."""
+    return {"device": str(trainer.device), "effective_budget": trainer.k / trainer.N, "steps": trainer.steps}
+
+
+def end_fields(writer, result: dict, derived_steps: bool, wall_s: float) -> dict:
+    """How it ended: status, the final evaluation (null when its loss was not finite), totals, wall time."""
+    status = result.get("status")
+    if status == "exhausted" and derived_steps:  # steps=null: using the data up is the plan
+        status = "ok"
+    final = {k: v for k, v in (writer.last_eval or {}).items() if k.startswith("target_eval_")}
+    return {**result, **({"status": status} if status else {}), **final, "wall_s": round(wall_s, 3)}
+
+
+# ---------------------------------------------------------------- one job
+def _save_config(cfg, run_dir: str) -> None:
+    """The resolved config a re-run sweep compares against."""
+    if not distributed.comm().is_main:
+        return
+    try:
+        OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)),
+                       os.path.join(run_dir, "fwsel_config.yaml"))
+    except OSError as e:
+        raise FwselError(f"cannot write {run_dir}/fwsel_config.yaml: {e.strerror or e}") from None
+
+
+def _build(cfg, writer, tracker, resume: bool, ckpt):
+    """The trainer, positioned at its first step (resumed from the newest checkpoint when asked)."""
+    from fwsel.checkpoint import resume_into
+    from fwsel.loop import Trainer
+
+    trainer = Trainer(cfg, writer, tracker, None, ckpt)
+    if resume:
+        step = resume_into(trainer, ckpt, writer)
+        writer.update_summary(resumed_from_step=step, steps_done=step)
+    writer.update_summary(**trainer_fields(trainer))
+    if cfg.steps is None:
+        log.info("steps=null: %d steps, the full pools of N=%d in %d rows (data.epochs=%d)", trainer.steps,
+                 trainer.N, trainer.data.stream.known_size, int(cfg.data.get("epochs", 1)))
+    log.info("threads: %d torch thread(s) (OMP_NUM_THREADS=%s, OMP_WAIT_POLICY=%s; override with threads=N)",
+             torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"),
+             os.environ.get("OMP_WAIT_POLICY", "unset"))
+    return trainer
+
+
+def _report_stop(writer, stop, trainer, run_dir: str) -> None:
+    name = signal.Signals(stop.signum).name
+    writer.update_summary(signal=name, error=f"interrupted by {name}")
+    log.warning("interrupted by %s at step %d: checkpoint written; continue with: fwsel train resume=%s",
+                name, trainer.step, run_dir)
+
+
 def run(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
     """Train one job into `run_dir` (continuing its newest checkpoint when `resume`);
     always leaves a summary.json saying how it ended."""
-    from fwsel.checkpoint import Checkpointer, graceful_stop, resume_into
-    from fwsel.config import validate
-    from fwsel.loop import Trainer, pool_size
+    from fwsel.checkpoint import Checkpointer, graceful_stop
     from fwsel.outputs import RunWriter
     from fwsel.tracking import build_tracker
 
     comm = distributed.comm()
     writer = RunWriter(run_dir, enabled=comm.is_main)  # under torchrun only rank 0 writes
-    if resume:
-        writer.load_summary()
-    try:
-        if comm.is_main:  # what a re-run sweep compares against
-            OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)),
-                           os.path.join(run_dir, "fwsel_config.yaml"))
-    except OSError as e:
-        raise FwselError(f"cannot write {run_dir}/fwsel_config.yaml: {e.strerror or e}") from None
+    previous = writer.load_summary() if resume else {}
+    _save_config(cfg, run_dir)
+    if cfg.get("threads", "auto") != "auto":  # `fwsel train` set OMP_NUM_THREADS to it already; a direct call did not
+        torch.set_num_threads(int(cfg.threads))
     start = time.time()
-    writer.update_summary(
-        status="running", error=None, signal=None, selector=cfg.selector.name, budget=float(cfg.budget),
-        batch_size=int(cfg.batch_size), pool_size=pool_size(int(cfg.batch_size), float(cfg.budget))
-        if isinstance(cfg.budget, (int, float)) and cfg.budget > 0 else None,
-        target_batch_size=cfg.target.batch_size, seed=cfg.seed, steps=cfg.steps, eval_every=cfg.eval_every,
-        steps_done=writer.summary.get("steps_done", 0) if resume else 0, fwsel_version=fwsel.__version__,
-        torch_version=torch.__version__, run_dir=run_dir, world_size=comm.world)
-    tracker, trainer, close_bar = None, None, lambda: None
+    writer.update_summary(**start_fields(cfg, run_dir, previous))
+    tracker, trainer, progress, result = None, None, None, {}
     try:
-        validate(cfg)
         tracker = build_tracker(cfg, OmegaConf.to_container(cfg, resolve=True), run_dir, rank=comm.rank,
                                 run_id=writer.summary.get("wandb_run_id"))
         if getattr(tracker, "run_id", None):
             writer.update_summary(wandb_run_id=tracker.run_id)
         with graceful_stop() as stop:  # a signal from here on ends the run at the next step boundary
             ckpt = Checkpointer(run_dir, cfg.checkpoint_every, cfg.checkpoint_keep, enabled=comm.is_main)
-            trainer = Trainer(cfg, writer, tracker, None, ckpt)
-            if resume:
-                step = resume_into(trainer, ckpt, writer)
-                writer.update_summary(resumed_from_step=step, steps_done=step)
-            trainer.progress, close_bar = _progress(cfg, int(cfg.steps), trainer.step)
-            writer.update_summary(device=str(trainer.device), effective_budget=trainer.k / trainer.N)
+            trainer = _build(cfg, writer, tracker, resume, ckpt)
+            trainer.progress = progress = Progress(cfg, trainer.steps, trainer.step)
             result = trainer.run(stop)
-        writer.update_summary(**result)
         if result["status"] == "interrupted":
-            name = signal.Signals(stop.signum).name
-            writer.update_summary(signal=name, error=f"interrupted by {name}")
-            log.warning("interrupted by %s at step %d: checkpoint written; continue with: fwsel train resume=%s",
-                        name, trainer.step, run_dir)
+            _report_stop(writer, stop, trainer, run_dir)
     except KeyboardInterrupt:
         _quietly(writer.update_summary, status="interrupted", signal="SIGINT",
                  error="interrupted by the user (the step in progress was abandoned)")
@@ -125,10 +215,9 @@ def run(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
         _quietly(writer.update_summary, status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
         raise
     finally:
-        close_bar()
-        if writer.last_eval is not None:  # the last evaluation (null when its loss was not finite)
-            _quietly(writer.update_summary, **{k: v for k, v in writer.last_eval.items() if k.startswith("target_eval_")})
-        _quietly(writer.update_summary, wall_s=round(time.time() - start, 3))
+        if progress is not None:
+            progress.close()
+        _quietly(writer.update_summary, **end_fields(writer, result, cfg.steps is None, time.time() - start))
         if trainer is not None:
             trainer.close()
         if tracker is not None:
@@ -137,9 +226,7 @@ def run(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
     return writer.summary
 
 
-FINISHED = ("ok", "exhausted")  # a job that ended by itself: re-running it changes nothing
-
-
+# ---------------------------------------------------------------- a run dir seen again
 def changed_keys(old, new, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two plain config dicts (resume-safe keys aside)."""
     from fwsel.checkpoint import RESUME_SAFE
@@ -163,8 +250,6 @@ def job_state(cfg: DictConfig, run_dir: str) -> str:
     A run dir holding a job with a different config is refused (its results would mix)."""
     import json
 
-    from fwsel.errors import ConfigError
-
     snap, summ = os.path.join(run_dir, "fwsel_config.yaml"), os.path.join(run_dir, "summary.json")
     if os.path.exists(snap):
         diff = changed_keys(OmegaConf.to_container(OmegaConf.load(snap)), OmegaConf.to_container(cfg, resolve=True))
@@ -178,36 +263,97 @@ def job_state(cfg: DictConfig, run_dir: str) -> str:
     return "resume" if any(os.path.exists(os.path.join(run_dir, x)) for x in leftovers) else "new"
 
 
+LEFT_BY_A_START = (".hydra", "fwsel_config.yaml", "summary.json", "metrics.jsonl", "selected.jsonl", "checkpoints")
+
+
+def discard_unstarted(run_dir: str, log_name: str) -> bool:
+    """Remove what a job that failed before its first step wrote (nothing else); True when the dir is gone."""
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isdir(run_dir) or (os.path.isfile(metrics) and os.path.getsize(metrics) > 0):
+        return False
+    for name in (*LEFT_BY_A_START, log_name):
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
+    try:
+        os.rmdir(run_dir)  # only when nothing else is in it
+    except OSError:
+        return False
+    return True
+
+
+class JobTag(logging.Filter):
+    """Prefix every log line of a sweep job with its override dir name (parallel jobs interleave)."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self.tag = tag
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "_fwsel_tagged", False):
+            record.msg, record._fwsel_tagged = f"[{self.tag}] {record.msg}", True
+        return True
+
+
+def final_line(summary: dict, run_dir: str) -> str:
+    loss, acc = summary.get("target_eval_loss"), summary.get("target_eval_acc")
+    first = summary.get("target_eval_loss_initial")
+    return (f"done: status {summary['status']}, step {summary.get('steps_done')}/{summary.get('steps')}, "
+            f"target_eval_loss {'n/a' if loss is None else f'{loss:.4f}'}"
+            + ("" if first is None else f" (step 0: {first:.4f})")
+            + f", exact match {'n/a' if acc is None else f'{acc:.3f}'}, wall {_duration(summary.get('wall_s') or 0)}; "
+            f"run dir: {run_dir}")
+
+
 @hydra.main(version_base="1.3", config_path="pkg://fwsel.conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
-    run_dir = hc.runtime.output_dir
+    tag = JobTag(hc.job.override_dirname or f"job {hc.job.num}") if hc.mode == RunMode.MULTIRUN else None
+    handlers = logging.getLogger().handlers if tag else []
+    for h in handlers:
+        h.addFilter(tag)
+    try:
+        job(cfg, hc)
+    finally:
+        for h in handlers:
+            h.removeFilter(tag)
+
+
+def job(cfg: DictConfig, hc) -> None:
+    """One job: skip it if finished, else validate, train (or resume) and report; exit codes for the CLI."""
+    from fwsel.config import validate
+
+    run_dir, multirun = hc.runtime.output_dir, hc.mode == RunMode.MULTIRUN
+    state = None  # "new" only once job_state found nothing there: only then may a failure remove the dir
     try:
         if cfg.resume and os.path.abspath(str(cfg.resume)) != os.path.abspath(run_dir):
-            from fwsel.errors import ConfigError
-
             raise ConfigError(f"resume={cfg.resume}: resume through `fwsel train resume=<run dir>` "
                               f"(it writes into that dir; this job's dir is {run_dir})")
         comm = distributed.comm()  # rank 0 reads the run dir, every rank acts on what it found
-        state = job_state(cfg, run_dir) if comm.is_main and (cfg.resume or hc.mode == RunMode.MULTIRUN) else "new"
+        state = job_state(cfg, run_dir) if comm.is_main and (cfg.resume or multirun) else "new"
         state = comm.broadcast_object(state)
         if state == "done":
             log.info("%s already finished with this config: nothing to %s", run_dir,
                      "resume" if cfg.resume else "re-run (skipped)")
             return
+        validate(cfg)
         summary = run(cfg, run_dir, resume=state == "resume")
     except FwselError as e:
-        log.error("%s", e)
-        if hc.mode == RunMode.MULTIRUN and not distributed.comm().active:
+        gone = state == "new" and isinstance(e, ConfigError) and distributed.comm().is_main \
+            and discard_unstarted(run_dir, f"{hc.job.name}.log")
+        log.error("%s%s", e, " (nothing started: no run dir kept)" if gone else "")
+        if multirun and not distributed.comm().active:
             raise
         sys.exit(1)
     except KeyboardInterrupt:
-        log.error("interrupted: the step in progress was abandoned; the last checkpoint is intact")
+        log.error("interrupted: the step in progress was abandoned; the last checkpoint is intact; "
+                  "continue with: fwsel train resume=%s", run_dir)
         sys.exit(130)
     if summary["status"] == "interrupted":
         sys.exit(128 + signal.Signals[summary["signal"]].value)  # 130 SIGINT, 143 SIGTERM; stops a sweep too
     if not distributed.comm().is_main:
         return
-    log.info("run dir: %s  (status %s, target_eval_loss %.4f)", run_dir, summary["status"],
-             summary.get("target_eval_loss") or float("nan"))
+    log.info("%s", final_line(summary, run_dir))
     print(run_dir)

@@ -27,13 +27,14 @@ LOSSES = {
 }
 
 
-def write_job(path, selector, budget, seed, losses=None, status="ok", eval_every=EVAL_EVERY, error=None):
-    """One run dir following the output contract (issue 2)."""
+def write_job(path, selector, budget, seed, losses=None, status="ok", eval_every=EVAL_EVERY, error=None,
+              steps=STEPS, first_rows=0):
+    """One run dir following the output contract; `first_rows`: metrics lines of a job that failed later."""
     (path / ".hydra").mkdir(parents=True)
     (path / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(
-        {"selector": {"name": selector}, "budget": budget, "seed": seed, "steps": STEPS, "eval_every": eval_every})))
-    rows = []
-    for step in range(STEPS + 1 if losses else 0):
+        {"selector": {"name": selector}, "budget": budget, "seed": seed, "steps": steps, "eval_every": eval_every})))
+    rows = [{"step": 0, "examples_seen": 0, "target_eval_loss": 3.0}] * first_rows
+    for step in range(steps + 1 if losses else 0):
         row = {"step": step, "examples_seen": step * int(8 / budget)}
         if step:
             row.update(sec_step=SEC_STEP, train_loss=1.0, selected_per_source=PICKS[selector])
@@ -47,7 +48,7 @@ def write_job(path, selector, budget, seed, losses=None, status="ok", eval_every
     final = losses[-1] if losses and status == "ok" else None
     (path / "summary.json").write_text(json.dumps({
         "status": status, "error": error, "selector": selector, "budget": budget, "seed": seed,
-        "steps": STEPS, "eval_every": eval_every, "target_eval_loss": final,
+        "steps": steps, "eval_every": eval_every, "target_eval_loss": final,
         "target_eval_acc": 0.1 * (seed + 1) if final else None}))
 
 
@@ -56,7 +57,10 @@ def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     for (sel, b, seed), losses in LOSSES.items():
         write_job(root / f"b{b}" / f"selector-{sel}_seed-{seed}", sel, b, seed, losses)
-    write_job(root / "b0.25" / "selector-ftw_seed-3", "ftw", 0.25, 3, status="failed", error="ValueError: boom")
+    write_job(root / "b0.25" / "selector-ftw_seed-3", "ftw", 0.25, 3, status="failed", error="ValueError: boom",
+              first_rows=1)
+    write_job(root / "b2" / "selector-ftw_seed-0", "ftw", 2, 0, status="failed",  # a config error: never started
+              error="ConfigError: budget must be in (0, 1], got 2")
     write_job(root / "b0.25" / "selector-greats_seed-0", "greats", 0.25, 0, LOSSES[("ftw", 0.25, 0)][:3] * 2,
               status="running")
     missing = root / "b0.5" / "selector-ftw_seed-0" / ".hydra"
@@ -76,12 +80,42 @@ def test_mean_std_and_steps_to_target(sweep):
     assert ftw["acc_mean"] == pytest.approx(0.2) and ftw["acc_std"] == pytest.approx(0.1)
     assert ftw["steps_to_random_ratio"] == pytest.approx(0.6)  # median(0.6, 0.4, inf)
     assert ftw["sec_to_random"] == pytest.approx(3.0)  # median(3.0, 2.0, inf)
-    assert rnd["steps_to_random_ratio"] == pytest.approx(0.8)  # each seed reaches its own mean at step 8
+    assert rnd["steps_to_random_ratio"] is None  # random against itself says nothing: "—"
     assert math.isinf(rows[("full", 0.5)]["steps_to_random_ratio"])
     assert ftw["frac_target"] == pytest.approx(0.75) and rnd["frac_noisy"] == pytest.approx(0.75)
     assert ftw["seeds"] == 3 and ftw["n_ok"] == 3
     assert "1.8500 ± 0.3905" in text and "1.9000 ± 0.1000" in text
     assert "0.60 (3.0s)" in text and "> 1 (not reached)" in text
+    assert "0.80" not in text
+
+
+def test_jobs_that_never_started_are_left_out(sweep):
+    _, _, rows, text = sweep
+    assert all(b != 2 for _, b in rows) and "budget 2" not in text
+    assert "left out: 1 job(s) that failed before their first step" in text and "got 2" in text
+
+
+def test_differing_keys_make_their_own_arms(tmp_path):
+    for seed in (0, 1):
+        write_job(tmp_path / f"r{seed}", "random", 0.5, seed, LOSSES[("random", 0.5, 0)])
+        write_job(tmp_path / f"f{seed}", "ftw", 0.5, seed, LOSSES[("ftw", 0.25, 0)])
+        write_job(tmp_path / f"r50_{seed}", "random", 0.5, seed, LOSSES[("random", 0.5, 0)][:3], steps=4)
+    rows, text = compare.compare_dirs([tmp_path])
+    by = {(r["arm"], r["budget"]): r for r in rows}
+    assert set(by) == {("random steps=10", 0.5), ("ftw steps=10", 0.5), ("random steps=4", 0.5)}
+    assert all(r["n_ok"] == 2 and r["seeds"] == 2 for r in rows)
+    assert by[("ftw steps=10", 0.5)]["steps_to_random_ratio"] is not None  # against random of the same steps
+    assert by[("random steps=4", 0.5)]["min_evals"] == 3 and "warning" not in text
+    write_job(tmp_path / "few", "greats", 0.5, 0, LOSSES[("random", 0.5, 0)][:2], steps=2)
+    _, text = compare.compare_dirs([tmp_path])
+    assert "warning: greats steps=2 @ budget 0.5 has jobs with only 2 eval(s), fewer than 3" in text
+
+
+def test_one_run_dir(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_job(run, "ftw", 0.25, 0, LOSSES[("ftw", 0.25, 0)])
+    assert compare.main([str(run)]) == 0
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG" and "1.6000 (n=1)" in capsys.readouterr().out
 
 
 def test_failed_running_missing_marked(sweep):
@@ -116,15 +150,14 @@ def test_cli_ok_and_default_out(tmp_path, capsys):
     assert (tmp_path / "summary.csv").is_file() and (tmp_path / "curves.png").is_file()
 
 
-@pytest.mark.parametrize("case", ["empty", "absent", "eval_every"])
+@pytest.mark.parametrize("case", ["empty", "absent", "unstarted"])
 def test_cli_errors(tmp_path, capsys, case):
-    if case == "eval_every":
-        write_job(tmp_path / "a", "random", 0.5, 0, LOSSES[("random", 0.5, 0)])
-        write_job(tmp_path / "b", "ftw", 0.5, 0, LOSSES[("random", 0.5, 0)][:3], eval_every=5)
+    if case == "unstarted":
+        write_job(tmp_path / "a", "random", 0.5, 0, status="failed", error="ConfigError: x")
     target = tmp_path / "nope" if case == "absent" else tmp_path
     assert compare.main([str(target)]) == 1
     err = capsys.readouterr().err
-    expected = {"empty": "no jobs found", "absent": "not a directory", "eval_every": "eval_every=5 (ftw)"}[case]
+    expected = {"empty": "no jobs found", "absent": "not a directory", "unstarted": "got to its first step"}[case]
     assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 

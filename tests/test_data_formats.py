@@ -117,7 +117,8 @@ def test_bad_record_names_file_and_line_or_is_skipped(tmp_path, content, line, m
 def test_empty_file_and_bad_parquet(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n  \n")
-    with pytest.raises(DataError, match=r"empty.jsonl: empty file \(no rows\)$"):
+    with pytest.raises(DataError, match=r"empty.jsonl: empty file \(no rows\) \(data.on_error=skip skips such "
+                                        r"records\)$"):
         list(FileReader([str(empty)]))
     good = write_jsonl(tmp_path / "good.jsonl", [{"text": "a"}])
     reader = FileReader([str(empty), good], on_error="skip")

@@ -1,9 +1,10 @@
 """Data sources: a stream of candidate pools plus a target set split into select / eval.
 
 `build_data(cfg)` returns a `Data` with `stream.pool(t, n)` (rows of step t), `select` and
-`eval` rows. Every row is a dict with `id`, `source` and text fields (`prompt`/`response`,
-`text` or `messages`; see `fwsel.data.formats`). `lookup_rows(cfg, ids)` turns stable ids
-back into rows (for export).
+`eval` rows. A finite source is read `data.epochs` times, reshuffled per epoch;
+`total_steps` turns `steps: null` into the pools those epochs hold. Every row is a dict with
+`id`, `source` and text fields (`prompt`/`response`, `text` or `messages`; see
+`fwsel.data.formats`). `lookup_rows(cfg, ids)` turns stable ids back into rows (for export).
 
 Target sets: `data.target_files` (jsonl) or `data.target_split` (hf), or, with
 `target.from_stream=M`, the first M rows of source `data.target_source` (null: any source)
@@ -114,8 +115,7 @@ def build_data(cfg) -> Data:
             raise ConfigError("target.from_stream applies to data=jsonl|hf (the embedded stream has its own target)")
         stream, split = synthetic(cfg)
         return Data(stream, split.select, split.eval)
-    if d.kind not in ("jsonl", "hf"):
-        raise ConfigError(f"data.kind must be one of synthetic|jsonl|hf, got {d.kind!r}")
+    # data.kind is synthetic|jsonl|hf (fwsel.config.validate)
     reader, target, size = _readers(cfg)
     m = t.get("from_stream")
     if m:
@@ -131,8 +131,22 @@ def build_data(cfg) -> Data:
     else:
         target_rows = list(target)
     select, evals = split_target(target_rows, t)
-    stream = IterStream(reader, int(cfg.seed), int(d.get("shuffle_buffer", 0) or 0), size, d.get("on_error", "raise"))
+    stream = IterStream(reader, int(cfg.seed), int(d.get("shuffle_buffer", 0) or 0), size, d.get("on_error", "raise"),
+                        epochs=int(d.get("epochs", 1)))  # checked by fwsel.config
     return Data(stream, select, evals)
+
+
+def total_steps(steps, stream, pool: int) -> int:
+    """`steps`, or with `steps: null` the full pools the finite stream holds over its epochs."""
+    if steps is not None:
+        return int(steps)
+    size = getattr(stream, "known_size", None)
+    if size is None:
+        raise ConfigError("steps=null (train until the data is used up) needs a source of known size; "
+                          "this one is endless or of unknown length: give steps=N")
+    if size < pool:
+        raise ConfigError(f"steps=null: the stream holds {size} rows, fewer than one pool of N={pool}")
+    return size // pool
 
 
 def lookup_rows(cfg, ids: list[str]) -> list[dict]:

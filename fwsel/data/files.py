@@ -112,7 +112,7 @@ class FileReader:
 
     def _bad(self, err: DataError) -> None:
         if self.on_error != "skip":
-            raise err
+            raise DataError(f"{err} (data.on_error=skip skips such records)") from None
         self.skipped += 1
         log.warning("skipping %s", err)
 
@@ -193,18 +193,23 @@ class Without:
 
 
 class IterStream:
-    """Pool `t` is rows [t*n, (t+1)*n) of the seeded, shuffled row iterator.
+    """Pool `t` is rows [t*n, (t+1)*n) of the seeded, shuffled row iterator, read `epochs` times.
 
-    Replaying from the start and skipping is how a position is restored (resume): the only
-    state is the count of rows consumed. `row_filter(row) -> (usable, truncated)` (set by
-    `Data.attach` once the tokenizer exists) drops rows with no supervised token left;
-    `skipped`, `unsupervised` and `truncated` count bad, dropped and cut rows read so far.
+    Epoch `e` is the reader's rows through a shuffle buffer seeded from `(seed, e)`, so every
+    epoch has its own order and pool `t` stays a pure function of `(seed, t)`. Replaying from
+    the start and skipping is how a position is restored (resume): the only state is the count
+    of rows consumed. `row_filter(row) -> (usable, truncated)` (set by `Data.attach` once the
+    tokenizer exists) drops rows with no supervised token left; `skipped`, `unsupervised` and
+    `truncated` count bad, dropped and cut rows of the first epoch read so far.
+    `known_size` is the rows of all epochs (None when the source's size is unknown).
     """
 
     def __init__(self, reader, seed: int, shuffle_buffer: int = 0, known_size: int | None = None,
-                 on_error: str = "raise") -> None:
+                 on_error: str = "raise", epochs: int = 1) -> None:
         self.reader, self.seed, self.buffer = reader, int(seed), int(shuffle_buffer)
-        self.known_size, self.on_error = known_size, on_error
+        self.epochs = int(epochs)
+        self.known_size = None if known_size is None else int(known_size) * self.epochs
+        self.on_error = on_error
         self.row_filter: Callable[[dict], tuple[bool, bool]] | None = None
         self._it, self.consumed = None, 0
         self.unsupervised = self.truncated = self._bad = 0
@@ -218,30 +223,32 @@ class IterStream:
         return {"data_skipped": self.skipped, "data_unsupervised": self.unsupervised,
                 "data_truncated": self.truncated}
 
-    def _usable(self) -> Iterator[dict]:
-        self.unsupervised = self.truncated = self._bad = 0
+    def _usable(self, first: bool) -> Iterator[dict]:
+        """The reader's rows the tokenizer side accepts; counts only in the first epoch."""
         for row in self.reader:
             if self.row_filter is not None:
                 try:
                     ok, cut = self.row_filter(row)
                 except DataError as e:
                     if self.on_error != "skip":
-                        raise
-                    self._bad += 1
-                    log.warning("skipping %s", e)
+                        raise DataError(f"{e} (data.on_error=skip skips such records)") from None
+                    self._bad += int(first)
+                    if first:
+                        log.warning("skipping %s", e)
                     continue
-                self.truncated += int(cut)
+                self.truncated += int(cut and first)
                 if not ok:
-                    self.unsupervised += 1
+                    self.unsupervised += int(first)
                     continue
             yield row
 
-    def _rows(self) -> Iterator[dict]:
+    def _epoch(self, e: int) -> Iterator[dict]:
+        rows = self._usable(first=e == 0)
         if self.buffer <= 1:
-            yield from self._usable()
+            yield from rows
             return
-        rng, buf = np_rng(self.seed, "shuffle"), []
-        for row in self._usable():
+        rng, buf = np_rng(self.seed, "shuffle", *([e] if e else [])), []  # epoch 0: the one-pass order
+        for row in rows:
             buf.append(row)
             if len(buf) >= self.buffer:  # emit a random element: swap it to the end, pop in O(1)
                 j = int(rng.integers(len(buf)))
@@ -249,6 +256,11 @@ class IterStream:
                 yield buf.pop()
         rng.shuffle(buf)
         yield from buf
+
+    def _rows(self) -> Iterator[dict]:
+        self.unsupervised = self.truncated = self._bad = 0
+        for e in range(self.epochs):
+            yield from self._epoch(e)
 
     def pool(self, t: int, n: int) -> list[dict]:
         start = t * n

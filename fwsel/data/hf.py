@@ -76,7 +76,7 @@ class HFReader:
                 yield to_row(rec, f"{self.name}:{self.split}:{i}", self.source_field, self.default_source, self.fields)
             except DataError as e:
                 if self.on_error != "skip":
-                    raise
+                    raise DataError(f"{e} (data.on_error=skip skips such records)") from None
                 self.skipped += 1
                 log.warning("skipping %s", e)
 

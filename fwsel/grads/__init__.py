@@ -1,4 +1,4 @@
-"""fwsel.grads: exact per-sample gradient products for data selection (METHOD sections 2-4).
+"""fwsel.grads: exact per-sample gradient products for data selection (docs/method.md#per-sample-gradient-products).
 
 Imports only torch, numpy, transformers and peft (no hydra, datasets or wandb), so the GPU
 scripts can use it on a bare image.
@@ -42,7 +42,13 @@ dropout masks are inside what the hooks see), or in full fine-tuning every Linea
 an untied `lm_head`. Embeddings, norms and a head tied to the embedding are NOT in `K`/`b`
 (they train through the update only: `cap.fallback`). DoRA and other LoRA variants, merged or
 disabled adapters and LoRA on embeddings raise `ValueError`. Gradient checkpointing must be
-non-reentrant (recomputed forwards are not captured twice; reentrant raises).
+non-reentrant (reentrant raises): a captured layer's input is a saved tensor of the capture
+hook, so checkpointing drops it after the forward and recomputes it in backward like the
+layer's own activations (the memory saving holds), and recomputed forwards are not captured twice.
+
+What is formed (`products=`, a `fwsel.grads.needs.Product` or names): `k` (the Gram; its
+diagonal gives the squared norms), `sq_norms` alone (one fused pass, no Gram), `b`, `y2`. A
+selector that reads only `b` and the norms (TracIn) costs no Gram.
 
 Two product paths per captured Linear (`grad_path`, fwsel.grads.ghost has the cost model):
 materialise (the per-sample gradients as a `[N + v, P]` buffer, float32 or float64 for float64
@@ -50,12 +56,19 @@ models, until the update; exact in every metric) or token Gram (keeps each row's
 and output gradients; `K` from `(X_i X_j^T) ⊙ (E_i E_j^T)` in token chunks, `b` exact through
 `M ⊙ g_T`, the update as one `E_S^T diag(w) X_S`). `auto` (default) takes the token Gram where it
 is cheaper and exact (sgd metrics); `ghost` forces it, and in adam geometry its `K` then uses a
-rank-1 `D` with `adam_q=state` on those layers (approximate, logged, `Scores.ghost`).
+rank-1 `D` with `adam_q=state` on those layers (approximate, logged, `Scores.ghost`); with
+`ghost_b="rank1"` their `b` and `y2` come from the same rank-1 Gram against the target rows
+(cheaper: no `g_T`, no dot-product pass over the pool tokens; approximate like `K` there).
 
-Several processes (torchrun) and sketched gradients: `fwsel.grads.dist.build_engine` returns a
-`ShardedEngine` (each rank scores a shard, rows are gathered, the update parts all-reduced)
-when the process group has several ranks or `projection_dim` is set (fwsel.grads.project);
-it materialises every layer (token-Gram factors are not gathered across ranks).
+`fwsel.grads.prefilter.head_alignment(model, pool, target)`: TracIn on the output head alone
+from one no-grad forward, the signal of the loop's `selector.prefilter_keep` shortlist.
+
+Building one: `fwsel.grads.dist.build_engine(cfg.engine, needs, model, optimizer)` from the
+`engine:` config group (how to compute) and a selector's `fwsel.grads.needs.EngineNeeds` (the
+metric, the products it reads, aux metrics). It returns a `ShardedEngine` (each rank scores a
+shard, rows are gathered, the update parts all-reduced) when the process group has several
+ranks or `engine.projection_dim` is set (fwsel.grads.project); that one materialises every
+layer (token-Gram factors are not gathered across ranks).
 """
 
 from .engine import GradEngine, Scores

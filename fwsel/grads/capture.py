@@ -1,4 +1,4 @@
-"""Which parameters the engine captures, and the hooks that capture them (METHOD section 3).
+"""Which parameters the engine captures, and the hooks that capture them (docs/method.md#per-sample-gradient-products).
 
 Every trainable `nn.Linear` is captured (peft's `lora_A` / `lora_B` sub-modules, or every
 Linear in full fine-tuning, an untied `lm_head` included); a Linear whose weight is shared
@@ -19,6 +19,7 @@ the buffer; its bias, if any, is still materialised.
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -52,20 +53,25 @@ class Site:
     factors: list = field(default_factory=list)  # (X [tok, d_in], E [tok, d_out], rows [tok])
 
 
-def check_peft(model: nn.Module) -> None:
-    """Raise on peft setups whose adapter output is not `lora_B(lora_A(dropout(x))) * s`."""
+def lora_layers(model: nn.Module) -> list:
+    """(name, module) of every peft LoraLayer in the model (none without peft)."""
+    if "peft" not in sys.modules:  # never imported: the model holds no peft layer (saves its import)
+        return []
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def check_peft(model: nn.Module, layers=None) -> None:
+    """Raise on peft setups whose adapter output is not `lora_B(lora_A(dropout(x))) * s`.
+
+    `layers`: `lora_layers(model)` found before (every score re-checks their state, not the tree)."""
     cfgs = getattr(model, "peft_config", None) or {}
     for name, cfg in cfgs.items():
         kind = str(getattr(cfg, "peft_type", "LORA")).split(".")[-1]
         if kind != "LORA":
             raise ValueError(f"fwsel.grads supports only peft LoRA; adapter {name!r} is {kind}")
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # peft not installed: nothing to check
-        return
-    for mname, m in model.named_modules():
-        if not isinstance(m, LoraLayer):
-            continue
+    for mname, m in lora_layers(model) if layers is None else layers:
         if m.merged:
             raise ValueError(f"{mname}: merged LoRA adapters cannot be captured (unmerge first)")
         if m.disable_adapters:
@@ -117,17 +123,21 @@ def requires_grad(params, flag: bool):
 
 
 class _Tap(torch.autograd.Function):
-    """Identity on a Linear output; hands the output gradient to `sink` in backward."""
+    """Identity on a module output; hands the module input `x` and the output gradient to `sink`
+    in backward. `x` is a saved tensor, so gradient checkpointing drops it after the forward and
+    recomputes it for the backward, as it does the layer's own activations."""
 
     @staticmethod
-    def forward(ctx, out, dummy, sink):
+    def forward(ctx, out, dummy, x, sink):
         ctx.sink = sink
+        ctx.save_for_backward(x)
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.sink(grad)
-        return grad, None, None
+        if ctx.sink is not None:
+            ctx.sink(ctx.saved_tensors[0], grad)
+        return grad, None, None, None
 
 
 class Capture:
@@ -145,6 +155,7 @@ class Capture:
         self.device = self.captured[0].device if self.captured else torch.device("cpu")
         self.active = False
         self.buf: torch.Tensor | None = None  # [rows, size] per-sample gradients
+        self.spare: torch.Tensor | None = None  # the last buffer, reused on the CPU (see `release`)
         self.offset = 0  # global row of the current micro-batch's first row
         self.mb_rows = 0  # rows in the current micro-batch
         self.tok_mask: torch.Tensor | None = None  # [mb_rows, width] unpadded tokens (ghost factors)
@@ -180,7 +191,11 @@ class Capture:
     @contextmanager
     def scoring(self, n_rows: int):
         """Allocate the buffer and capture, with no parameter requiring grad."""
-        self.buf = torch.zeros(n_rows, self.size, dtype=self.dtype, device=self.device)
+        spare, self.spare = self.spare, None
+        if spare is not None and spare.shape == (n_rows, self.size):
+            self.buf = spare.zero_()
+        else:
+            self.buf = torch.zeros(n_rows, self.size, dtype=self.dtype, device=self.device)
         self.dummy = torch.zeros((), device=self.device, requires_grad=True)
         self.active = True
         try:
@@ -188,6 +203,13 @@ class Capture:
                 yield
         finally:
             self.active, self.dummy, self.chunk_rows, self.tok_mask = False, None, None, None
+
+    def release(self) -> None:
+        """Drop the buffer. On the CPU it is kept for the next pass of the same shape: a fresh
+        allocation of that size costs page faults every step (CUDA's caching allocator avoids them)."""
+        if self.buf is not None and self.buf.device.type == "cpu":
+            self.spare = self.buf
+        self.buf = None
 
     def factors(self, site):
         """The site's (X, E, rows) over every scored row, tokens sorted by row."""
@@ -199,32 +221,41 @@ class Capture:
         order = torch.argsort(rows, stable=True)
         return X[order], E[order], rows[order]
 
-    def _capturing(self) -> bool:
-        # off outside scoring and in non-reentrant checkpoint recomputation (inside backward: a
-        # tap there would never receive a gradient, and a head chunk would fail the row check)
-        if not self.active or torch._C._current_graph_task_id() != -1:
-            return False
+    def _state(self) -> str | None:
+        """None outside scoring, "recompute" in a non-reentrant checkpoint's recomputation (inside
+        backward: the tap is applied again with no sink, so the recomputed saved tensors line up
+        with the forward's), else "capture"."""
+        if not self.active:
+            return None
+        if torch._C._current_graph_task_id() != -1:
+            return "recompute"
         if not torch.is_grad_enabled():  # scoring always runs under grad
             raise RuntimeError("a captured module ran without grad while scoring: reentrant gradient "
                                "checkpointing is unsupported (use use_reentrant=False)")
-        return True
+        return "capture"
 
     def _local_hook(self, site: LocalSite, module, args, output):
-        if not self._capturing():
+        state = self._state()
+        if state is None:
             return None
         x = args[0].detach() if args else None
+        if state == "recompute":
+            return _Tap.apply(output, self.dummy, x, None)
         if x is None or x.dim() < 2 or x.shape[0] != self.mb_rows or not isinstance(output, torch.Tensor):
             raise RuntimeError(f"{type(module).__name__}: expected one [batch, ...] input and output")
-        return _Tap.apply(output, self.dummy, partial(self._local_sink, site, x, self.offset))
+        return _Tap.apply(output, self.dummy, x, partial(self._local_sink, site, self.offset))
 
     @staticmethod
-    def _local_sink(site, x, row0, grad):
+    def _local_sink(site, row0, x, grad):
         site.saved.append((x, grad.detach(), row0))
 
     def _hook(self, site, module, args, output):
-        if not self._capturing():
+        state = self._state()
+        if state is None:
             return None
         x = args[0].detach()
+        if state == "recompute":
+            return _Tap.apply(output, self.dummy, x, None)
         if x.dim() >= 3:
             if x.shape[0] != self.mb_rows:
                 raise RuntimeError(f"captured Linear saw batch {x.shape[0]}, expected {self.mb_rows}")
@@ -233,9 +264,9 @@ class Capture:
             if self.chunk_rows is None or self.chunk_rows.numel() != x.shape[0]:
                 raise RuntimeError("a captured Linear was called on 2-D input outside the loss head")
             rows = self.chunk_rows + self.offset
-        return _Tap.apply(output, self.dummy, partial(self._sink, site, x, rows, self.tok_mask))
+        return _Tap.apply(output, self.dummy, x, partial(self._sink, site, rows, self.tok_mask))
 
-    def _sink(self, site, x, rows, mask, grad):
+    def _sink(self, site, rows, mask, x, grad):
         x, e = x.to(self.dtype), grad.to(self.dtype)
         w, b = site.weight, site.bias
         if isinstance(rows, int):  # batched [B, ..., d]: every row's tokens at once
@@ -246,9 +277,9 @@ class Capture:
                     torch.ones(X.shape[:2], dtype=torch.bool, device=X.device)  # no mask: every token
                 r = torch.arange(rows, rows + n, device=X.device)[:, None].expand(keep.shape)
                 site.factors.append((X[keep], E[keep], r[keep]))
-            else:
-                dst = self.buf[rows : rows + n]
-                dst[:, w.start : w.end] += torch.bmm(E.transpose(1, 2), X).reshape(n, -1)
+            else:  # G_i = E_i^T X_i added in place into the row's columns (no temporary)
+                dst = self.buf[rows : rows + n, w.start : w.end].view(n, E.shape[-1], X.shape[-1])
+                dst.baddbmm_(E.transpose(1, 2), X)
             if b is not None:
                 self.buf[rows : rows + n, b.start : b.end] += E.sum(1)
             return
@@ -266,6 +297,7 @@ class Capture:
                 self.buf[r, b.start : b.end] += es.sum(0)
 
     def close(self) -> None:
+        self.buf = self.spare = None
         for h in self.handles:
             h.remove()
         self.handles = []

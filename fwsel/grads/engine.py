@@ -1,4 +1,4 @@
-"""GradEngine: per-sample gradient products and the one-pass update (METHOD sections 3-4)."""
+"""GradEngine: per-sample gradient products and the one-pass update (docs/method.md#per-sample-gradient-products)."""
 
 from __future__ import annotations
 
@@ -9,49 +9,134 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .capture import Capture, check_peft, requires_grad
+from .capture import Capture, check_peft, lora_layers, requires_grad
 from .ghost import PATHS, GhostOps, prefers_ghost
 from .local import local_update
 from .loss import concat_batches, sequence_losses, take_rows, unwrap
-from .metric import ADAM_Q, METRICS, adam_diag, group_of, pool_q, state_vec
+from .metric import ADAM_Q, METRICS, adam_diag_run, group_of, pool_q, state_vec
 
 DIRS = ("momentum", "decay")
+PRODUCTS = ("b", "k", "y2", "sq_norms")
+GHOST_B = ("exact", "rank1")
 log = logging.getLogger(__name__)
+
+
+def finite_picks(indices, weights, finite: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, weights) as int64 / float64 arrays, without the rows `finite` rules out."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if idx.size != w.size:
+        raise ValueError("indices and weights differ in length")
+    ok = finite.numpy()[idx]
+    if not ok.all():
+        warnings.warn(f"dropping non-finite candidates {idx[~ok].tolist()} from the update")
+        idx, w = idx[ok], w[ok]
+    return idx, w
 
 
 @dataclass
 class Scores:
     """Products over the captured parameters, on the CPU, in float64."""
 
-    K: torch.Tensor  # [N, N] <g_i, M g_j>
+    K: torch.Tensor | None  # [N, N] <g_i, M g_j> (None when the engine was asked for no K)
     b: torch.Tensor  # [N, 1 + n_dir] <g_i, M u> for u = g_T, then each extra direction
     y2: float  # <g_T, M g_T>
     dir_gram: torch.Tensor  # [1 + n_dir, 1 + n_dir] <u_a, M u_b> among (g_T, extra dirs...)
     losses: torch.Tensor  # [N] pool losses
     target_losses: torch.Tensor  # [v] target losses
-    sq_norms: torch.Tensor  # [N] diag(K)
+    sq_norms: torch.Tensor | None  # [N] diag(K) (None when asked for neither K nor the norms)
     finite: torch.Tensor  # [N] bool; False rows of K, b are 0 and never enter the update
     poor_frac: float | None = None  # adam: fraction of coordinates with (1-b2) q > b2 v
     aux: dict = field(default_factory=dict)  # metric -> {"b": [N], "sq_norms": [N], "y2": float}
+    n_tokens: torch.Tensor | None = None  # [N] supervised tokens per pool row (int64)
     ghost: dict = field(default_factory=dict)  # token-Gram layers: {"layers", "adam_q", "rank1_err_max"}
 
 
-class MatOps:
-    """Products for one materialised block from its per-sample gradients `Gp` ([N, numel])."""
+def wanted(products) -> frozenset:
+    """`products` as a set of `PRODUCTS` names: None (all), names, or an enum flag whose members
+    carry those names (any case)."""
+    if products is None:
+        return frozenset(PRODUCTS)
+    items = [products] if isinstance(products, str) else list(products)  # a flag iterates its members
+    names = frozenset(str(getattr(p, "name", p)).lower() for p in items)
+    if names - set(PRODUCTS):
+        raise ValueError(f"products must be among {PRODUCTS}, got {sorted(names - set(PRODUCTS))}")
+    return names
 
-    def __init__(self, Gp):
+
+class MatOps:
+    """Products for one run of materialised blocks from its per-sample gradients `Gp` ([N, cols]).
+
+    `scratch(shape)` gives the room for a scaled copy of `Gp` (a fresh tensor, or on the CPU a
+    reused one: a fresh allocation of that size page-faults every step)."""
+
+    def __init__(self, Gp, scratch=None):
         self.Gp = Gp
+        self.scratch = scratch or (lambda shape: None)
 
     def gram(self, M=None, key=None):
-        GM = self.Gp if M is None else self.Gp * M
+        GM = self.Gp if M is None else torch.mul(self.Gp, M, out=self.scratch(self.Gp.shape))
         return GM @ self.Gp.T
 
     def sq_norms(self, M=None, key=None):
-        G2 = self.Gp * self.Gp
-        return G2.sum(1) if M is None else G2 @ M
+        if M is None:  # a fused norm per row, no [N, cols] temporary
+            return torch.linalg.vector_norm(self.Gp, dim=1).square()
+        return torch.mul(self.Gp, self.Gp, out=self.scratch(self.Gp.shape)) @ M
 
     def dots(self, W):
         return self.Gp @ W.T
+
+
+class _Sums:
+    """The products of `Scores`, summed over block runs in float64 on the buffer's device."""
+
+    def __init__(self, n: int, nd: int, aux_metrics, device, with_K: bool, with_sq: bool):
+        def zeros(*shape):
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+        self.device, self.aux_metrics = device, aux_metrics
+        self.K = zeros(n, n) if with_K else None
+        self.sq = zeros(n) if with_sq and not with_K else None  # diag(K) when K is formed
+        self.B, self.dir_gram = zeros(n, nd), zeros(nd, nd)
+        self.aux = {a: {"b": zeros(n), "sq_norms": zeros(n), "y2": zeros(())} for a in aux_metrics}
+        self.poor, self.coords = [], 0
+
+    def add(self, ops, U, diag: dict, metric: str) -> None:
+        """One block run: `ops` its pool products, `U` the directions (g_T first), `diag` each metric."""
+        M = diag[metric]
+        UM = U if M is None else U * M
+        if self.K is not None:
+            self.K += ops.gram(M, metric).to(torch.float64)
+        elif self.sq is not None:
+            self.sq += ops.sq_norms(M, metric).to(torch.float64)
+        self.B += ops.dots(UM).to(torch.float64)
+        self.dir_gram += (UM @ U.T).to(torch.float64)
+        gT = U[0]
+        for a, out in self.aux.items():
+            ga = gT if diag[a] is None else gT * diag[a]
+            out["b"] += ops.dots(ga[None])[:, 0].to(torch.float64)
+            out["sq_norms"] += ops.sq_norms(diag[a], a).to(torch.float64)
+            out["y2"] += (gT * ga).sum().to(torch.float64)
+
+    def add_gram_all(self, Kall, n: int, nt: int) -> None:
+        """An sgd-only token-Gram layer: `K`, `b` and `y2` from its Gram over pool and target rows."""
+        b0, y0 = Kall[:n, n:].sum(1) / max(nt, 1), Kall[n:, n:].sum() / max(nt, 1) ** 2
+        self.K += Kall[:n, :n]
+        self.B[:, 0] += b0
+        self.dir_gram[0, 0] += y0
+        for out in self.aux.values():
+            out["b"] += b0
+            out["sq_norms"] += Kall.diagonal()[:n]
+            out["y2"] += y0
+
+    def scores(self, finite, ghost: dict) -> Scores:
+        K, B, G = (None if self.K is None else self.K.cpu()), self.B.cpu(), self.dir_gram.cpu()
+        sq = K.diagonal().clone() if K is not None else None if self.sq is None else self.sq.cpu()
+        aux = {a: {"b": d["b"].cpu(), "sq_norms": d["sq_norms"].cpu(), "y2": float(d["y2"])}
+               for a, d in self.aux.items()}
+        poor = float(torch.stack(self.poor).sum()) / self.coords if self.coords else None
+        return Scores(K=K, b=B, y2=float(G[0, 0]), dir_gram=G, losses=None, target_losses=None, sq_norms=sq,
+                      finite=finite, poor_frac=poor, aux=aux, ghost=ghost)
 
 
 class GradEngine:
@@ -64,11 +149,19 @@ class GradEngine:
     says it is cheaper AND it is exact, i.e. every metric asked for is sgd), `materialize`, or
     `ghost` (token Gram on every Linear not sharing its weight; in adam geometry that Gram uses a
     rank-1 D and, as pool q needs per-sample gradients, adam_q=state on those layers: approximate);
-    `ghost_chunk_tokens`: token block size of the token-Gram (bounds its memory).
+    `ghost_chunk_tokens`: token block size of the token-Gram (bounds its memory);
+    `products`: what the selector reads (a fwsel.grads.needs.Product, or names among `PRODUCTS`;
+    None: all). Without `k` no Gram is formed (`Scores.K` is None) and the squared norms
+    come alone when asked for; `b`, `y2` and `dir_gram` always come (one cheap product each).
+    `ghost_b`: on token-Gram layers in adam geometry, `exact` (b and y2 through `M ⊙ g_T`: one
+    pass over each pool token as costly as a weight gradient) or `rank1` (b and y2 from the same
+    token Gram as K, with its rank-1 D: cheaper, approximate like K there).
+    Built from the `engine:` config group by `fwsel.grads.dist.build_engine`.
     """
 
     def __init__(self, model, optimizer, metric="sgd", *, adam_q="pool", loss_chunk_tokens=4096,
-                 micro_batch_size=None, aux_metrics=(), grad_path="auto", ghost_chunk_tokens=1024):
+                 micro_batch_size=None, aux_metrics=(), grad_path="auto", ghost_chunk_tokens=1024, products=None,
+                 ghost_b="exact"):
         for m in (metric, *aux_metrics):
             if m not in METRICS:
                 raise ValueError(f"metric must be one of {METRICS}, got {m!r}")
@@ -76,23 +169,30 @@ class GradEngine:
             raise ValueError(f"adam_q must be one of {ADAM_Q}, got {adam_q!r}")
         if grad_path not in PATHS:
             raise ValueError(f"grad_path must be one of {PATHS}, got {grad_path!r}")
+        if ghost_b not in GHOST_B:
+            raise ValueError(f"ghost_b must be one of {GHOST_B}, got {ghost_b!r}")
         if optimizer is None and any(m != "sgd" for m in (metric, *aux_metrics)):
             raise ValueError("the adam metrics need the optimizer")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError("micro_batch_size must be positive or None")
-        check_peft(model)
+        self._lora = lora_layers(model)
+        check_peft(model, self._lora)
         self.model, self.optimizer, self.metric = model, optimizer, metric
         self.adam_q, self.loss_chunk_tokens = adam_q, loss_chunk_tokens
         self.micro_batch_size, self.aux_metrics = micro_batch_size, tuple(aux_metrics)
         self.grad_path, self.ghost_chunk_tokens = grad_path, int(ghost_chunk_tokens)
+        self.products, self.ghost_b = wanted(products), ghost_b
+        self._adam = any(m != "sgd" for m in (metric, *aux_metrics))
         self.ghost_q = "state" if adam_q == "pool" else adam_q  # adam_q on token-Gram layers
         self.cap = Capture(model)
         if not self.cap.sites:
             raise ValueError("no trainable nn.Linear to capture (LoRA adapters or full fine-tuning)")
         self._pool: dict | None = None  # the scored pool rows, kept for the fallback backward
+        self._rows: torch.Tensor | None = None  # [N + v, .] rows the products read (cap.buf, or gathered)
         self._finite: torch.Tensor | None = None
         self._ghost: dict = {}  # id(site) -> GhostOps of the last scoring pass
         self._warned = False
+        self._spare: torch.Tensor | None = None  # CPU scratch of the products (see `_scratch`)
         self.group_entries = 2**26  # buffer entries per run of blocks handled together (bounds temporaries)
 
     # ------------------------------------------------------------------ path choice
@@ -126,7 +226,7 @@ class GradEngine:
         bad = [d for d in extra_dirs if d not in DIRS]
         if bad:
             raise ValueError(f"unknown extra_dirs {bad}; known: {DIRS}")
-        check_peft(self.model)
+        check_peft(self.model, self._lora)
         self._free()
         batch = concat_batches(pool_batch, target_batch)
         n = pool_batch["input_ids"].shape[0]
@@ -147,8 +247,8 @@ class GradEngine:
                 if total.requires_grad:
                     torch.autograd.backward(total, inputs=[cap.dummy])
                 losses[s : s + cap.mb_rows] = out.losses.detach().double().cpu()
-        n, losses = self._exchange(n, losses)  # seam: fwsel.grads.dist gathers every rank's rows here
-        buf = cap.buf
+        n, losses, buf = self._exchange(n, losses, cap.buf)  # seam: fwsel.grads.dist gathers every rank's rows
+        self._rows = buf
         finite = torch.isfinite(losses) & torch.isfinite(buf.sum(1)).cpu()  # a NaN/inf entry spoils the sum
         facs = {i: cap.factors(cap.sites[i]) for i in sorted(ghost)}
         for i in ghost:  # the engine holds the factors from here on
@@ -167,6 +267,7 @@ class GradEngine:
         self._finite, self._pool = finite[:n], {key: val[:n] for key, val in batch.items()}
         scores = self._products(n, finite, tuple(extra_dirs), k)
         scores.losses, scores.target_losses = losses[:n], losses[n:]
+        scores.n_tokens = (pool_batch["labels"][:, 1:] != -100).sum(1).cpu()
         return scores
 
     def _groups(self, n: int):
@@ -183,79 +284,75 @@ class GradEngine:
             yield run
         yield from ([b] for b in self.cap.blocks if b.ghost is not None)
 
-    def _exchange(self, n: int, losses: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """Between capture and products: (pool rows, losses) of what the products see. Here the
-        rows just captured; a sharded engine (fwsel.grads.dist) swaps in every rank's rows."""
-        return n, losses
+    def _exchange(self, n: int, losses: torch.Tensor, rows: torch.Tensor):
+        """Between capture and products: (pool rows, losses, row matrix) the products see. Here
+        the rows just captured; a sharded engine (fwsel.grads.dist) returns every rank's rows
+        (the captured `rows` stay this rank's: the update reads them)."""
+        return n, losses, rows
 
     def _products(self, n, finite, dirs, k) -> Scores:
-        buf, f64 = self.cap.buf, torch.float64
-        n_bad = int((~finite[:n]).sum())
-        nf, nt = n - n_bad, int(finite[n:].sum())
+        """Products summed block run by block run: the pool's per-sample gradients (or a token-Gram
+        layer's factors), the mean target gradient `g_T`, each metric's diagonal, then the sums."""
+        n_bad, nt = int((~finite[:n]).sum()), int(finite[n:].sum())
         if nt == 0:
             warnings.warn("no target row has a finite loss and gradient: g_T = 0")
+        nf = n - n_bad
         k_eff = min(k or nf, nf) if nf > 0 else 1
-        groups = group_of(self.optimizer)
-        metrics = (self.metric, *[a for a in self.aux_metrics if a != self.metric])
-        adam = any(m != "sgd" for m in metrics)
-        nd, dev = 1 + len(dirs), buf.device
-        K, B, dir_gram = (torch.zeros(*shape, dtype=f64, device=dev) for shape in ((n, n), (n, nd), (nd, nd)))
-        aux = {a: {key: torch.zeros(shape, dtype=f64, device=dev) for key, shape in
-                   (("b", (n,)), ("sq_norms", (n,)), ("y2", ()))} for a in self.aux_metrics}
-        t_coef = torch.zeros(buf.shape[0], dtype=buf.dtype, device=dev)
+        t_coef = torch.zeros(finite.shape[0], dtype=self._rows.dtype, device=self._rows.device)
         t_coef[n:] = 1.0 / max(nt, 1)  # non-finite target rows are already zero
-        poor, coords = [], 0
+        acc = _Sums(n, 1 + len(dirs), self.aux_metrics, self.cap.device, "k" in self.products,
+                    "sq_norms" in self.products)
+        groups = group_of(self.optimizer)
         for blocks in self._groups(n):
             ghost = blocks[0].ghost
             if ghost is None:
                 cols = slice(blocks[0].start, blocks[-1].end)
-                ops, gT = MatOps(buf[:n, cols]), t_coef[n:] @ buf[n:, cols]
+                ops = MatOps(self._rows[:n, cols], self._scratch)
             else:
                 ops = self._ghost[id(ghost)]
-                if not (adam or dirs):  # sgd only: b and y2 from token Grams with the target rows, no g_T
-                    Kall = ops.gram_all()
-                    K += Kall[:n, :n]
-                    b0, y0 = Kall[:n, n:].sum(1) / max(nt, 1), Kall[n:, n:].sum() / max(nt, 1) ** 2
-                    B[:, 0] += b0
-                    dir_gram[0, 0] += y0
-                    for a in self.aux_metrics:
-                        aux[a]["b"] += b0
-                        aux[a]["sq_norms"] += Kall.diagonal()[:n]
-                        aux[a]["y2"] += y0
+                if self._gram_gives_b(acc, dirs):  # K, b, y2 from one token Gram over pool and target rows
+                    diag = self._diagonals(blocks, ops, ops.X.new_empty(0), n_bad, k_eff, groups, acc)
+                    acc.add_gram_all(ops.gram_all(diag[self.metric], self.metric), n, nt)
                     continue
-                gT = ops.weighted_sum(t_coef)
-            diag = {"sgd": None}
-            if adam:
-                q_name = self.adam_q if ghost is None else self.ghost_q
-                q = pool_q(ops.Gp, n_bad, k_eff) if q_name == "pool" else None
-                parts, off = [], 0
-                for b in blocks:
-                    sl = None if q is None else q[off : off + b.param.numel()]
-                    D, pr = adam_diag(b.param, self.optimizer, groups, gT, q_name, sl)
-                    parts.append(D)
-                    poor.append(pr.to(dev))
-                    off += b.param.numel()
-                diag["adam"] = parts[0] if len(parts) == 1 else torch.cat(parts)
-                if "adam2" in metrics:
-                    diag["adam2"] = diag["adam"] ** 2
-                coords += off
+            gT = t_coef[n:] @ self._rows[n:, cols] if ghost is None else ops.weighted_sum(t_coef)
+            diag = self._diagonals(blocks, ops, gT, n_bad, k_eff, groups, acc)
             M = diag[self.metric]
-            K += ops.gram(M, self.metric).to(f64)
-            U = torch.stack([gT, *[self._direction(d, blocks, gT, M) for d in dirs]]) if dirs else gT[None]
-            UM = U if M is None else U * M
-            B += ops.dots(UM).to(f64)
-            dir_gram += (UM @ U.T).to(f64)
-            for a in self.aux_metrics:
-                ga = gT if diag[a] is None else gT * diag[a]
-                aux[a]["b"] += ops.dots(ga[None])[:, 0].to(f64)
-                aux[a]["sq_norms"] += ops.sq_norms(diag[a], a).to(f64)
-                aux[a]["y2"] += (gT * ga).sum().to(f64)
-        aux = {a: {"b": d["b"].cpu(), "sq_norms": d["sq_norms"].cpu(), "y2": float(d["y2"])} for a, d in aux.items()}
-        K, B, dir_gram = K.cpu(), B.cpu(), dir_gram.cpu()
-        return Scores(K=K, b=B, y2=float(dir_gram[0, 0]), dir_gram=dir_gram, losses=None, target_losses=None,
-                      sq_norms=K.diagonal().clone(), finite=finite[:n].clone(),
-                      poor_frac=float(torch.stack(poor).sum()) / coords if coords else None, aux=aux,
-                      ghost=self._ghost_info(adam))
+            U = torch.stack([gT, *[self._direction(d, blocks, gT, M) for d in dirs]])
+            acc.add(ops, U, diag, self.metric)
+        return acc.scores(finite[:n].clone(), self._ghost_info(self._adam))
+
+    def _gram_gives_b(self, acc, dirs) -> bool:
+        """On a token-Gram layer, take `b` and `y2` from its Gram with the target rows (no `g_T`, no
+        dot-product pass): exact in sgd geometry; in adam geometry only with `ghost_b=rank1`, where
+        that Gram's rank-1 `D` then also enters `b` and `y2`. Not with extra directions (they need
+        exact dot products) or, in adam geometry, aux metrics."""
+        if acc.K is None or dirs:
+            return False
+        return not self._adam or (self.ghost_b == "rank1" and not self.aux_metrics)
+
+    def _diagonals(self, blocks, ops, gT, n_bad, k_eff, groups, acc) -> dict:
+        """{metric: its diagonal over the blocks' coordinates, None for the identity}."""
+        diag = {"sgd": None}
+        if not self._adam:
+            return diag
+        q_name = self.adam_q if blocks[0].ghost is None else self.ghost_q
+        q = pool_q(ops.Gp, n_bad, k_eff, self._scratch(ops.Gp.shape)) if q_name == "pool" else None
+        params = [b.param for b in blocks]
+        diag["adam"], poor = adam_diag_run(params, self.optimizer, groups, gT, q_name, q)
+        acc.poor.append(torch.as_tensor(poor).to(acc.device))
+        acc.coords += diag["adam"].numel()
+        if "adam2" in (self.metric, *self.aux_metrics):
+            diag["adam2"] = diag["adam"] ** 2
+        return diag
+
+    def _scratch(self, shape):
+        """Room for one `shape` temporary: None (a fresh tensor) off the CPU, else a reused buffer."""
+        if self.cap.device.type != "cpu":
+            return None
+        size = shape[0] * shape[1]
+        if self._spare is None or self._spare.numel() < size:
+            self._spare = torch.empty(size, dtype=self.cap.dtype)
+        return self._spare[:size].view(shape)
 
     def _ghost_info(self, adam: bool) -> dict:
         if not self._ghost:
@@ -264,8 +361,9 @@ class GradEngine:
         if adam and not self._warned:
             self._warned = True
             log.warning("token-Gram on %d layers: their adam-geometry K uses a rank-1 D (approximate) and "
-                        "adam_q=%s (pool q needs per-sample gradients); b and y2 stay exact",
-                        len(self._ghost), self.ghost_q)
+                        "adam_q=%s (pool q needs per-sample gradients); b and y2 %s",
+                        len(self._ghost), self.ghost_q,
+                        "use the same rank-1 D (ghost_b=rank1)" if self.ghost_b == "rank1" else "stay exact")
         return {"layers": len(self._ghost), "adam_q": self.ghost_q if adam else None,
                 "rank1_err_max": max(errs) if errs else 0.0}
 
@@ -281,17 +379,14 @@ class GradEngine:
     # ------------------------------------------------------------------ update
     def apply_update(self, indices, weights) -> None:
         """Add (1/|S|) sum_S w_i g_i into .grad; fallback parameters get a weighted backward."""
-        buf = self.cap.buf
-        if buf is None:
+        if self.cap.buf is None:
             raise RuntimeError("apply_update needs a score() first (and only one update per score)")
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1))
-        w = torch.as_tensor(np.asarray(weights, dtype=np.float64).reshape(-1))
-        if idx.numel() != w.numel():
-            raise ValueError("indices and weights differ in length")
-        ok = self._finite[idx]
-        if not bool(ok.all()):
-            warnings.warn(f"dropping non-finite candidates {idx[~ok].tolist()} from the update")
-            idx, w = idx[ok], w[ok]
+        idx, w = finite_picks(indices, weights, self._finite)
+        self._update(torch.as_tensor(idx), torch.as_tensor(w))
+
+    def _update(self, idx: torch.Tensor, w: torch.Tensor) -> None:
+        """`apply_update` on finite rows `idx` of the captured buffer (`w` not yet divided by |S|)."""
+        buf = self.cap.buf
         try:
             if idx.numel():
                 coef = w / idx.numel()
@@ -302,8 +397,8 @@ class GradEngine:
                     p = blk.param
                     g = gsum[blk.start : blk.end] if blk.ghost is None else \
                         self._ghost[id(blk.ghost)].weighted_sum(row_coef)
-                    g = g.view_as(p).to(p.dtype)
-                    p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+                    g = g.view_as(p).to(p.dtype)  # a fresh tensor or a slice of the fresh gsum: no copy
+                    p.grad = g if p.grad is None else p.grad.add_(g)
                 local_update(self.cap.local, row_coef)
                 if self.cap.pass_params:
                     self._fallback_backward(idx, coef)
@@ -324,7 +419,8 @@ class GradEngine:
                     torch.autograd.backward(total, inputs=params)
 
     def _free(self) -> None:
-        self.cap.buf, self._pool, self._ghost = None, None, {}
+        self.cap.release()
+        self._rows, self._pool, self._ghost = None, None, {}
         for s in self.cap.local:
             s.saved = []
 

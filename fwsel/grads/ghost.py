@@ -1,4 +1,4 @@
-"""Token-Gram ("ghost") products for wide layers and short rows (METHOD section 3).
+"""Token-Gram ("ghost") products for wide layers and short rows (docs/method.md#per-sample-gradient-products).
 
 For a captured Linear, row i's weight gradient is `G_i = E_i^T X_i` (`X_i`: the row's layer
 inputs, `T_i x d_in`; `E_i`: the gradients at the layer output, `T_i x d_out`). Instead of
@@ -85,24 +85,28 @@ class GhostOps:
         E, X = self.E[keep], self.X[keep]
         return ((E * s[keep, None]).T @ X).reshape(-1)
 
-    def _scaled(self, M, key):
-        """Pool factors scaled by the rank-1 square roots of `M` (None: unscaled)."""
+    def _scaled(self, M, key, every_row=False):
+        """Factors scaled by the rank-1 square roots of `M` (None: unscaled): the pool's, or with
+        `every_row` those of pool and target rows."""
         if M is None:
-            return self.Xp, self.Ep
+            return (self.X, self.E) if every_row else (self.Xp, self.Ep)
         if key not in self._factors:
             u, c, err = rank1(M.reshape(self.d_out, self.d_in))
             self.rank1_err[key] = err
-            self._factors[key] = (self.Xp * c.sqrt().to(self.Xp), self.Ep * u.sqrt().to(self.Ep))
-        return self._factors[key]
+            self._factors[key] = (c.sqrt().to(self.X), u.sqrt().to(self.E))
+        c, u = self._factors[key]
+        return (self.X * c, self.E * u) if every_row else (self.Xp * c, self.Ep * u)
 
     def gram(self, M=None, key="sgd") -> torch.Tensor:
         """[n, n] `<G_i, M ⊙ G_j>` (float64; rank-1 `M`)."""
         X, E = self._scaled(M, key)
         return token_gram(X, E, self.rp, self.n, self.chunk)
 
-    def gram_all(self) -> torch.Tensor:
-        """[n + v, n + v] `<G_i, G_j>` over every row, pool and target (float64, exact)."""
-        return token_gram(self.X, self.E, self.rows, self.n_all, self.chunk)
+    def gram_all(self, M=None, key="sgd") -> torch.Tensor:
+        """[n + v, n + v] `<G_i, M ⊙ G_j>` over every row, pool and target (float64; exact for
+        `M = I`, else rank-1 `M`)."""
+        X, E = self._scaled(M, key, every_row=True)
+        return token_gram(X, E, self.rows, self.n_all, self.chunk)
 
     def sq_norms(self, M=None, key="sgd") -> torch.Tensor:
         """[n] `<G_i, M ⊙ G_i>` (float64; rank-1 `M`): only same-row token pairs."""
@@ -123,11 +127,13 @@ class GhostOps:
 def token_gram(X, E, rows, n: int, chunk: int, diag_only: bool = False) -> torch.Tensor:
     """[n, n] float64 `sum over token pairs (x_t . x_s)(e_t . e_s)` grouped by (row_t, row_s).
 
-    Tokens come sorted by row; blocks of `chunk` tokens, the upper triangle mirrored. With
+    Tokens come sorted by row; blocks of at most `chunk` tokens, the upper triangle mirrored. With
     `diag_only` only same-row pairs are summed (the squared norms).
     """
     K = torch.zeros(n, n, dtype=torch.float64, device=X.device)
     tok = X.shape[0]
+    if not diag_only and 256 <= tok <= chunk:  # two blocks, three products: a quarter less than one
+        chunk = -(-tok // 2)
     for a in range(0, tok, chunk):
         Xa, Ea, ra = X[a : a + chunk], E[a : a + chunk], rows[a : a + chunk]
         for b in range(a, tok, chunk):

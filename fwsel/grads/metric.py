@@ -1,4 +1,4 @@
-"""The metric `M` of the products: identity, or AdamW's linearised diagonal (METHOD section 4).
+"""The metric `M` of the products: identity, or AdamW's linearised diagonal (docs/method.md#adamw-geometry).
 
 With the coming step's second moment frozen at `v_bar = (b2 v + (1 - b2) q) / (1 - b2^(t+1))`,
 `D = 1 / (sqrt(v_bar) + eps)`; `q` replaces the coming batch's `g*g`:
@@ -29,17 +29,24 @@ def state_vec(optimizer, p, key: str, like: torch.Tensor) -> torch.Tensor:
     return like.new_zeros(like.shape) if v is None else v.detach().reshape(-1).to(like)
 
 
-def pool_q(Gp, n_bad: int, k: int) -> torch.Tensor:
+def pool_q(Gp, n_bad: int, k: int, out=None) -> torch.Tensor:
     """`u*u + (1/k - 1/N) s2` per column of the pool's per-sample gradients `Gp` ([N, cols]).
 
     Its `n_bad` non-finite rows are already zero and are left out of the mean and variance.
+    From the column sums of `g` and `g*g` (two matrix-vector products, one temporary, `out` when
+    given): a zero row adds nothing to either.
     """
-    nf = Gp.shape[0] - n_bad
-    u = Gp.sum(0) / max(nf, 1)
-    if nf <= 1:
-        return u * u
-    s2 = (((Gp - u) ** 2).sum(0) - n_bad * u * u).clamp_min(0) / (nf - 1)
-    return u * u + (1.0 / k - 1.0 / nf) * s2
+    ones = Gp.new_ones(Gp.shape[0])
+    return q_from_sums(ones @ Gp, ones @ torch.mul(Gp, Gp, out=out), Gp.shape[0] - n_bad, k)
+
+
+def q_from_sums(s1, s2, nf: int, k: int) -> torch.Tensor:
+    """`pool_q` from the pool's summed gradients `s1` and squares `s2` over its `nf` finite rows."""
+    u = s1 / max(nf, 1)
+    q = u * u
+    if nf > 1:
+        q = q + (1.0 / k - 1.0 / nf) * ((s2 - nf * u * u).clamp_min(0) / (nf - 1))
+    return q
 
 
 def adam_diag(p, optimizer, groups, like: torch.Tensor, adam_q: str, q=None):
@@ -47,15 +54,39 @@ def adam_diag(p, optimizer, groups, like: torch.Tensor, adam_q: str, q=None):
 
     `like` gives the dtype and device; `q` is p's slice of `pool_q` when `adam_q == "pool"`.
     """
+    v = state_vec(optimizer, p, "exp_avg_sq", like.new_empty(p.numel()))
+    return _diag(v, *_settings(p, optimizer, groups), adam_q, q)
+
+
+def adam_diag_run(params, optimizer, groups, like: torch.Tensor, adam_q: str, q=None):
+    """`adam_diag` over consecutive parameters, their coordinates concatenated (`q` likewise):
+    one set of ops per stretch of parameters sharing (beta2, eps, step), not one per parameter."""
+    settings = [_settings(p, optimizer, groups) for p in params]
+    parts, poor, off, i = [], 0, 0, 0
+    while i < len(params):
+        j = i + 1
+        while j < len(params) and settings[j] == settings[i]:
+            j += 1
+        vs = [state_vec(optimizer, p, "exp_avg_sq", like.new_empty(p.numel())) for p in params[i:j]]
+        v = vs[0] if len(vs) == 1 else torch.cat(vs)
+        D, pr = _diag(v, *settings[i], adam_q, None if q is None else q[off : off + v.numel()])
+        parts.append(D)
+        poor, off, i = poor + pr, off + v.numel(), j
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)), poor
+
+
+def _settings(p, optimizer, groups) -> tuple:
+    """(beta2, eps, steps taken) of `p`'s group and state."""
     g = groups.get(id(p))
     if g is None:
         raise ValueError("metric adam needs every captured parameter in the optimizer")
     if g.get("amsgrad", False):
         raise ValueError("metric adam assumes amsgrad=False")
-    b2, eps = g["betas"][1], g["eps"]
-    st = optimizer.state.get(p, {})
-    t = float(st.get("step", 0))
-    v = state_vec(optimizer, p, "exp_avg_sq", like.new_empty(p.numel()))
+    return g["betas"][1], g["eps"], float(optimizer.state.get(p, {}).get("step", 0))
+
+
+def _diag(v, b2, eps, t, adam_q: str, q):
+    """D and the poor count from the second moment `v` (and `q` for adam_q=pool)."""
     if adam_q in ("state", "taylor"):  # q is a multiple of v: v_bar = v * scale, three passes
         if adam_q == "state" and t == 0:
             return torch.ones_like(v), torch.tensor(v.numel())

@@ -1,9 +1,9 @@
-"""`ftw`: Filter-then-Weight in the linearised AdamW geometry (METHOD sections 4-5).
+"""`ftw`: Filter-then-Weight in the linearised AdamW geometry (docs/method.md#update-matching, #filter-then-weight).
 
 Filter by OMP with NNLS refits on the scale-free update-matching problem (from `K`, `b`, `y2`
 alone), weight by the last refit, normalise to mean 1 with the order-preserving cap, fall back
-when the support is empty. Every METHOD section 7 choice is a constructor key (see
-`conf/selector/ftw.yaml`); `projection_dim` (the engine's, not the selector's) compresses gradients.
+when the support is empty. Every choice of docs/method.md#options-and-defaults is a constructor key (see
+`conf/selector/ftw.yaml`); how gradients are computed (exact or sketched) is the `engine:` group's.
 """
 
 from __future__ import annotations
@@ -13,11 +13,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from fwsel.selectors.base import Pool, Selection, Selector, topk, uniform
-from fwsel.selectors.greats import greedy_interaction
-from fwsel.selectors.less import less_scores
+from fwsel.selectors.base import (
+    EngineNeeds,
+    Needs,
+    Pool,
+    Product,
+    Selection,
+    Selector,
+    as_np,
+    candidates,
+    choice,
+    topk,
+    uniform,
+)
 from fwsel.selectors.omp import nnls_gram, omp, ridge_lambda
-from fwsel.selectors.tracin import as_np, candidates, choice
+from fwsel.selectors.scoring import greedy_interaction, less_scores
 from fwsel.selectors.weights import normalise_and_cap
 
 FALLBACK_NONE, FALLBACK_TOPK, FALLBACK_SKIP = 0, 1, 2  # `sel_fallback` codes
@@ -70,7 +80,7 @@ class FTW(Selector):
         omp_tol: float = 1e-3,
         empty_support: str = "topk",
         warmup_steps: int = 0,
-        log_overlap_less: bool = True,
+        log_overlap_less: bool = False,
         **kw: Any,
     ) -> None:
         super().__init__(name=name, **kw)
@@ -99,15 +109,14 @@ class FTW(Selector):
             )
         self.alpha, self.w_max, self.ridge, self.omp_tol = float(alpha), float(w_max), float(ridge), float(omp_tol)
         self.warmup_steps = int(warmup_steps)
-        self.metric = "sgd" if geometry == "sgd" else ("adam" if metric == "D" else "adam2")
-        aux = ("adam2",) if log_overlap_less and self.metric != "adam2" else ()
-        self.engine_kwargs = {"aux_metrics": aux} if aux else {}
-        if self.metric != "sgd" or aux:
-            self.engine_kwargs["adam_q"] = self.adam_q
+        m = "sgd" if geometry == "sgd" else ("adam" if metric == "D" else "adam2")
+        aux = ("adam2",) if log_overlap_less and m != "adam2" else ()  # a diagnostic: one more metric per step
+        self.engine_needs = EngineNeeds(m, Product.B | Product.K | Product.Y2, aux_metrics=aux,
+                                        adam_q=self.adam_q if m != "sgd" or aux else "pool")
         self.log_overlap_less = bool(log_overlap_less)
 
-    def needs(self, step: int) -> str:
-        return "none" if step < self.warmup_steps else "grads"
+    def needs(self, step: int) -> Needs:
+        return Needs.NONE if step < self.warmup_steps else Needs.GRADS
 
     def extra_dirs(self, step: int) -> tuple:
         drift = self.momentum_correction or (self.fidelity and self.metric == "adam")
@@ -126,11 +135,12 @@ class FTW(Selector):
         b1, lam, t = adam_constants(pool.optimizer)
         c, beta = (1 - b1) / (1 - b1 ** (t + 1)), b1 / (1 - b1 ** (t + 1))
         args = (pool.scores, indices, u, pool.lr * c, [beta / c, lam / c])
-        return {"fid_pred": adam_quadratic(*args, curvature=self.alpha), "fid_pred_linear": adam_quadratic(*args, curvature=0.0)}
+        return {"fid_pred": adam_quadratic(*args, curvature=self.alpha),
+                "fid_pred_linear": adam_quadratic(*args, curvature=0.0)}
 
     def problem(self, pool: Pool) -> tuple[np.ndarray, np.ndarray, float]:
         """`(K, b, y2)`; with `momentum_correction` the target is
-        `g_T/alpha - b1/(1-b1) m - lam (1-b1^(t+1))/(1-b1) D^-1 theta` (METHOD section 4)."""
+        `g_T/alpha - b1/(1-b1) m - lam (1-b1^(t+1))/(1-b1) D^-1 theta` (docs/method.md#update-matching)."""
         s = pool.scores
         K, B = as_np(s.K), as_np(s.b).reshape(len(s.K), -1)
         if not self.momentum_correction:

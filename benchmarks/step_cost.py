@@ -1,0 +1,128 @@
+"""In-loop cost of a selection step against a `full` step over the same pools (CPU, one thread).
+
+    python benchmarks/step_cost.py                      # default config, budgets 0.25 and 0.1
+    python benchmarks/step_cost.py --repeats 3 --steps 40 --budgets 0.25 0.1 0.05
+    python benchmarks/step_cost.py --budgets 0.05 --arms full ftw "ftw[selector.prefilter_keep=0.25]"
+
+Every (arm, budget) pair is a `fwsel.loop.Trainer` built from the packaged config (the
+defaults plus `--extra` overrides) in this one process. The trainers step in turn, one step
+each per round, so the machine's load moves all arms alike; each keeps its own `sec_step`
+(what metrics.jsonl logs: pool, scoring, selection, update, optimizer step). After `--skip`
+warm-up steps the medians per arm are taken; `--repeats` builds every trainer afresh and runs
+again, and the table reports the median over repeats of those medians, as a ratio to `full`
+at the same budget. Prints one JSON line (every median) and a markdown table for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ARMS = ("full", "random", "tracin", "greats", "ftw")
+
+
+class NullWriter:
+    """What Trainer writes per step, dropped (the benchmark keeps only `sec_step`)."""
+
+    dir = None
+
+    def log_selection(self, *a, **k) -> None:
+        pass
+
+    def log_metrics(self, *a, **k) -> None:
+        pass
+
+    def update_summary(self, *a, **k) -> None:
+        pass
+
+
+class NullTracker:
+    def log(self, *a, **k) -> None:
+        pass
+
+
+def compose(arm: str, budget: float, steps: int, extra: list[str]):
+    """The config of one arm: a selector name, optionally with its own overrides in brackets
+    (`ftw[selector.prefilter_keep=0.25]`)."""
+    from hydra import compose as hydra_compose
+
+    name, _, own = arm.partition("[")
+    own = [o for o in own.rstrip("]").split(",") if o]
+    return hydra_compose("train", overrides=[f"selector={name}", f"budget={budget}", f"steps={steps}",
+                                             "progress=false", *extra, *own])
+
+
+def one_run(arms, budgets, steps, skip, extra) -> dict:
+    """{(arm, budget): median sec_step of steps skip..steps} from one interleaved run."""
+    import logging
+
+    from fwsel.loop import Trainer
+
+    logging.getLogger("fwsel").setLevel(logging.ERROR)
+    trainers = {(a, b): Trainer(compose(a, b, steps, extra), NullWriter(), NullTracker())
+                for b in budgets for a in arms}
+    secs = {key: [] for key in trainers}
+    for t in range(steps):
+        for key, tr in trainers.items():
+            row = tr.train_step(t)
+            if t >= skip:
+                secs[key].append(row["sec_step"])
+    for tr in trainers.values():
+        tr.close()
+    return {key: statistics.median(v) for key, v in secs.items()}
+
+
+def table(med: dict, arms, budgets, N) -> str:
+    head = "| budget | " + " | ".join(f"{a}" for a in arms) + " |"
+    lines = [head, "|" + "---|" * (len(arms) + 1)]
+    for b in budgets:
+        full = med[("full", b)] if "full" in arms else None
+        cells = []
+        for a in arms:
+            ms = 1000 * med[(a, b)]
+            cells.append(f"{ms:.1f} ms" if a == "full" or full is None else f"{med[(a, b)] / full:.2f}x")
+        lines.append(f"| {b} (N = {N[b]}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arms", nargs="+", default=list(ARMS))
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.1])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the medians")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--extra", nargs="*", default=[], help="config overrides for every arm")
+    args = ap.parse_args()
+    import torch
+    from hydra import initialize_config_module
+
+    torch.set_num_threads(1)
+    with initialize_config_module("fwsel.conf", version_base="1.3"):
+        N = {b: compose("full", b, args.steps, args.extra) for b in args.budgets}
+        from fwsel.loop import pool_size
+
+        N = {b: pool_size(int(c.batch_size), float(c.budget)) for b, c in N.items()}
+        runs = []
+        for r in range(args.repeats):
+            t0 = time.time()
+            runs.append(one_run(args.arms, args.budgets, args.steps, args.skip, args.extra))
+            print(f"# repeat {r + 1}: {time.time() - t0:.0f} s", file=sys.stderr)
+    med = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    out = {"extra": args.extra, "steps": args.steps, "skip": args.skip, "repeats": args.repeats,
+           "threads": torch.get_num_threads(), "load1": os.getloadavg()[0],
+           "sec_step": {f"{a}@{b}": round(v, 5) for (a, b), v in med.items()},
+           "per_repeat": [{f"{a}@{b}": round(v, 5) for (a, b), v in run.items()} for run in runs]}
+    if "full" in args.arms:
+        out["ratio"] = {f"{a}@{b}": round(v / med[("full", b)], 3) for (a, b), v in med.items()}
+    print(json.dumps(out))
+    print()
+    print(table(med, args.arms, args.budgets, N))
+
+
+if __name__ == "__main__":
+    main()
