@@ -16,11 +16,12 @@ import torch
 from fwsel.selectors.base import Pool, Selection, Selector, topk, uniform
 from fwsel.selectors.greats import greedy_interaction
 from fwsel.selectors.less import less_scores
-from fwsel.selectors.omp import nnls_gram, omp, ridge_lambda
+from fwsel.selectors.omp import nnls_gram, omp, prune_small, ridge_lambda, ridged
 from fwsel.selectors.tracin import as_np, candidates, choice
 from fwsel.selectors.weights import normalise_and_cap
 
 FALLBACK_NONE, FALLBACK_TOPK, FALLBACK_SKIP = 0, 1, 2  # `sel_fallback` codes
+STOPS = ("k", "tol", "gain", "w_min", "max_iter")  # `sel_omp_stop` codes: why OMP stopped
 
 
 def adam_constants(optimizer) -> tuple[float, float, int]:
@@ -67,7 +68,12 @@ class FTW(Selector):
         fill: str = "none",
         w_max: float = 5.0,
         ridge: float = 1e-4,
+        ridge_mode: str = "pool",
         omp_tol: float = 1e-3,
+        min_gain: float = 0.0,
+        w_min: float = 0.0,
+        temper: float = 1.0,
+        redundancy: float | None = None,
         empty_support: str = "topk",
         warmup_steps: int = 0,
         log_overlap_less: bool = True,
@@ -81,6 +87,7 @@ class FTW(Selector):
         self.metric_key = choice("metric", metric, ("D", "D2"))
         self.adam_q = choice("adam_q", adam_q, ("pool", "state", "taylor"))
         self.fill = choice("fill", fill, ("none", "alignment"))
+        self.ridge_mode = choice("ridge_mode", ridge_mode, ("pool", "self"))
         self.empty_support = choice("empty_support", empty_support, ("topk", "skip"))
         self.momentum_correction = bool(momentum_correction)
         for key, val, lo in (
@@ -88,6 +95,8 @@ class FTW(Selector):
             ("w_max", w_max, 1.0),  # mean 1 needs room above 1
             ("ridge", ridge, 0.0),
             ("omp_tol", omp_tol, 0.0),
+            ("min_gain", min_gain, 0.0),
+            ("w_min", w_min, 0.0),
             ("warmup_steps", warmup_steps, 0.0),
         ):
             if not isinstance(val, (int, float)) or not (val > lo if key == "alpha" else val >= lo):
@@ -97,7 +106,15 @@ class FTW(Selector):
                 "selector.momentum_correction needs geometry=adam and metric=D "
                 "(the drift target holds D^-1 theta, the engine's decay direction for M = D)"
             )
+        if not (isinstance(temper, (int, float)) and 0 < temper <= 1):
+            raise ValueError(f"selector.temper must be in (0, 1], got {temper!r}")
+        if redundancy is not None and not (isinstance(redundancy, (int, float)) and redundancy >= 0):
+            raise ValueError(f"selector.redundancy must be null or a number >= 0, got {redundancy!r}")
+        if redundancy is not None and filter != "greedy":
+            raise ValueError("selector.redundancy sets the scale of filter=greedy's gain (set filter=greedy)")
         self.alpha, self.w_max, self.ridge, self.omp_tol = float(alpha), float(w_max), float(ridge), float(omp_tol)
+        self.min_gain, self.w_min, self.temper = float(min_gain), float(w_min), float(temper)
+        self.redundancy = None if redundancy is None else float(redundancy)
         self.warmup_steps = int(warmup_steps)
         self.metric = "sgd" if geometry == "sgd" else ("adam" if metric == "D" else "adam2")
         aux = ("adam2",) if log_overlap_less and self.metric != "adam2" else ()
@@ -141,25 +158,41 @@ class FTW(Selector):
 
     def filter_and_weight(self, K, b, y2, k, valid) -> tuple[list[int], np.ndarray, dict]:
         """Stage 1 and 2 before normalisation: the support and its (unnormalised) weights."""
-        lam = ridge_lambda(K, self.ridge)
+        lam = ridge_lambda(K, self.ridge, self.ridge_mode)
         info: dict[str, float] = {}
         if self.filter == "omp":
-            res = omp(K, b, y2, k, lam, self.omp_tol, valid)
+            res = omp(K, b, y2, k, lam, self.omp_tol, valid, min_gain=self.min_gain, w_min=self.w_min)
             S, u = res.support, res.u
             info["omp_iters"] = float(res.iters)
+            info["omp_stop"] = float(STOPS.index(res.stop))
         else:
             if self.filter == "greedy":  # gain b_i - (alpha/k)(K_ii/2 + sum_{j in S} K_ij)
-                c = self.alpha / k
+                c = self.greedy_scale(K, b, k, valid)
                 S = greedy_interaction(b - 0.5 * c * np.diag(K), K, k, c, valid)[0]
+                info["greedy_scale"] = c
             else:
                 S = topk(b, k, valid=valid)
             u = np.ones(len(S))
             if self.weights == "nnls" and S:
-                u = nnls_gram(K[np.ix_(S, S)] + lam * np.eye(len(S)), b[S])
+                u = nnls_gram(ridged(K, S, lam), b[S])
+        if self.weights == "nnls":
+            S, u = [i for i, x in zip(S, u) if x > 0], u[u > 0]
+            S, u = prune_small(K, b, lam, S, u, self.w_min)
         if self.weights == "uniform":
             u = np.ones(len(S))
         keep = u > 0
-        return [i for i, kept in zip(S, keep) if kept], u[keep], info
+        return [i for i, kept in zip(S, keep) if kept], u[keep] ** self.temper, info
+
+    def greedy_scale(self, K, b, k: int, valid) -> float:
+        """`alpha / k` of the greedy gain: fixed (`alpha`), or with `redundancy = r` set each step so
+        that on the top-k-by-b set T the predicted penalty `scale/2 1^T K_TT 1` is `r sum_T b_i`
+        (scale-free: the same ratio of redundancy to alignment at any gradient scale or LR)."""
+        if self.redundancy is None:
+            return self.alpha / k
+        T = topk(b, k, valid=valid)
+        quad = float(K[np.ix_(T, T)].sum()) if T else 0.0
+        lin = float(np.clip(b[T], 0, None).sum()) if T else 0.0
+        return 2 * self.redundancy * lin / quad if quad > 0 and lin > 0 else 0.0
 
     def select(self, pool: Pool) -> Selection:
         if pool.step < self.warmup_steps:
