@@ -99,6 +99,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.params, self.steps)
         self.engine = None  # built on the first step that needs gradients
         self.step = 0
+        self.clip_prev = 1.0  # the last step's clipping factor, for selectors that model the coming step
         self.totals = collections.Counter()
         rank = [self.comm.rank] if self.comm.rank else []  # each rank's rows get their own dropout masks
         torch.manual_seed(int_seed(self.seed, "dropout", *rank))  # the only consumer of the global RNG
@@ -147,7 +148,8 @@ class Trainer:
                 losses = self.shard_losses(self.batch(rows))[1]
             finite = torch.isfinite(losses).numpy()
         pool = Pool(rows, self.k, t, lr, torch_gen(self.seed, "selector", t), scores=scores, losses=losses,
-                    optimizer=self.optimizer)
+                    optimizer=self.optimizer, engine=self.engine if scores is not None else None,
+                    clip_prev=self.clip_prev, max_norm=self.cfg.optim.max_grad_norm)
         sel = self.comm.broadcast_object(self.selector.select(pool))  # select (rank 0's, should rounding differ)
         declined = not len(sel.indices) and bool(finite.any())  # e.g. ftw empty_support=skip: no row helps
         idx, w = usable(sel.indices, sel.weights, finite)  # a non-finite candidate never trains
@@ -159,6 +161,7 @@ class Trainer:
         fid = {}
         if idx and math.isfinite(norm):
             clip = fidelity.clip_coef(norm, self.cfg.optim.max_grad_norm)  # clip_grad_norm_'s factor, norm known
+            self.clip_prev = clip  # ftw clip_q=prev reads it next step
             if clip < 1.0:
                 torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], clip)
             if self.selector.fidelity and scores is not None:  # diagnostics.fidelity: predicted ...

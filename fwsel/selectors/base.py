@@ -28,6 +28,9 @@ class Pool:
     scores: Any = None  # fwsel.grads.Scores when needs() == "grads"
     losses: torch.Tensor | None = None  # per-sample losses when needs() == "losses"
     optimizer: torch.optim.Optimizer | None = None
+    engine: Any = None  # the engine that scored this step (holds the per-sample gradients until the update)
+    clip_prev: float = 1.0  # the previous step's gradient-clipping factor (1 when it did not bind)
+    max_norm: float | None = None  # optim.max_grad_norm (None: no clipping)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fwsel.selectors.adam_step import AdamRegram, clip_factor
 from fwsel.selectors.base import Pool, Selection, Selector, topk, uniform
 from fwsel.selectors.greats import greedy_interaction
 from fwsel.selectors.less import less_scores
@@ -74,6 +75,8 @@ class FTW(Selector):
         w_min: float = 0.0,
         temper: float = 1.0,
         redundancy: float | None = None,
+        clip_q: str = "none",
+        self_q: int = 0,
         empty_support: str = "topk",
         warmup_steps: int = 0,
         log_overlap_less: bool = True,
@@ -88,6 +91,12 @@ class FTW(Selector):
         self.adam_q = choice("adam_q", adam_q, ("pool", "state", "taylor"))
         self.fill = choice("fill", fill, ("none", "alignment"))
         self.ridge_mode = choice("ridge_mode", ridge_mode, ("pool", "self"))
+        self.clip_q = choice("clip_q", clip_q, ("none", "prev", "fixed_point"))
+        self.self_q = int(choice("self_q", self_q, (0, 1, 2)))
+        if (self.clip_q != "none" or self.self_q) and (geometry != "adam" or metric != "D" or adam_q != "pool"
+                                                      or momentum_correction):
+            raise ValueError("selector.clip_q / self_q re-form the adam metric D with adam_q=pool "
+                             "(geometry=adam, metric=D, no momentum_correction)")
         self.empty_support = choice("empty_support", empty_support, ("topk", "skip"))
         self.momentum_correction = bool(momentum_correction)
         for key, val, lo in (
@@ -183,6 +192,31 @@ class FTW(Selector):
         keep = u > 0
         return [i for i, kept in zip(S, keep) if kept], u[keep] ** self.temper, info
 
+    def step_consistent(self, pool: Pool, problem, valid):
+        """Choose in the metric of the step AdamW will take (fwsel.selectors.adam_step): `clip_q=prev`
+        scales q by the previous step's squared clip factor; `fixed_point` chooses, takes the chosen
+        update's own factor and re-solves once; `self_q` passes re-solve under the chosen update's own
+        second moment. Each re-solve is one more Gram."""
+        k = pool.k
+        rg = AdamRegram(getattr(pool, "engine", None), pool.optimizer, k)
+        max_norm = getattr(pool, "max_norm", None)
+        c = 1.0
+        if self.clip_q == "prev":
+            c = float(getattr(pool, "clip_prev", 1.0))
+            problem = rg.products(c * c * rg.q_pool)
+        S, u, diag = self.filter_and_weight(*problem, k, valid)
+        passes = ["clip"] * (self.clip_q == "fixed_point") + ["self"] * self.self_q
+        for kind in passes:
+            if not S:
+                break
+            g_hat = rg.update(S, normalise_and_cap(u, self.w_max)[0])
+            if self.clip_q != "none":
+                c = clip_factor(float(torch.linalg.vector_norm(g_hat)), max_norm)
+            problem = rg.products(c * c * (rg.q_pool if kind == "clip" else g_hat * g_hat))
+            S, u, diag = self.filter_and_weight(*problem, k, valid)
+        diag["clip_model"] = c
+        return S, u, diag, problem
+
     def greedy_scale(self, K, b, k: int, valid) -> float:
         """`alpha / k` of the greedy gain: fixed (`alpha`), or with `redundancy = r` set each step so
         that on the top-k-by-b set T the predicted penalty `scale/2 1^T K_TT 1` is `r sum_T b_i`
@@ -203,7 +237,10 @@ class FTW(Selector):
         K, b, y2 = self.problem(pool)
         valid = candidates(s)
         align = np.divide(b, np.sqrt(np.diag(K)), out=np.full_like(b, -np.inf), where=valid)
-        S, u, diag = self.filter_and_weight(K, b, y2, k, valid)
+        if self.clip_q == "none" and not self.self_q:
+            S, u, diag = self.filter_and_weight(K, b, y2, k, valid)
+        else:
+            S, u, diag, (K, b, y2) = self.step_consistent(pool, (K, b, y2), valid)
         diag["n_eff"] = float(len(S))
         fallback = FALLBACK_NONE
         if not S:  # u = 0 is the optimum: no candidate has b_i > 0 (or none is usable)
