@@ -2,7 +2,7 @@
 
 A checkpoint is `<run dir>/checkpoints/step-XXXXXXXX/` holding
   weights.pt     trainable parameters only (the adapters under LoRA)
-  state.pt       optimizer, scheduler, every RNG state, stream position, selector state, loop totals
+  state.pt       optimizer, scheduler, every RNG state, stream position, loop totals (selectors keep no state across steps)
   manifest.json  written last: the step and each file's size and sha256 (the completeness marker)
 It is written as `step-XXXXXXXX.tmp/` and renamed, so a reader never sees half of one; a file
 damaged later (truncated copy, disk trouble) fails its checksum and the previous one is used.
@@ -70,7 +70,6 @@ def capture_state(trainer) -> tuple[dict, dict]:
     """(trainable weights, everything else) after `trainer.step` steps."""
     weights = {n: p.detach().cpu().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     stream = trainer.data.stream
-    sel_state = getattr(trainer.selector, "state_dict", None)
     state = {
         "step": trainer.step,
         "optimizer": trainer.optimizer.state_dict(),
@@ -80,7 +79,6 @@ def capture_state(trainer) -> tuple[dict, dict]:
         # seeded file stream, re-read and skipped on resume: the row count is kept as a check
         "stream": {"step": trainer.step, "rows_consumed": trainer.step * trainer.N,
                    **({"state": stream.state_dict()} if hasattr(stream, "state_dict") else {})},
-        "selector": sel_state() if callable(sel_state) else None,
         "totals": dict(trainer.totals),
         "rng_ranks": getattr(trainer, "rank_rng", None),  # under torchrun: every rank's RNG states
     }
@@ -108,8 +106,6 @@ def restore_state(trainer, weights: dict, state: dict, where: str = "checkpoint"
     stream = trainer.data.stream
     if "state" in state["stream"] and hasattr(stream, "load_state_dict"):
         stream.load_state_dict(state["stream"]["state"])
-    if state.get("selector") is not None and hasattr(trainer.selector, "load_state_dict"):
-        trainer.selector.load_state_dict(state["selector"])
     trainer.totals.clear()
     trainer.totals.update(state["totals"])
     trainer.step = int(state["step"])
@@ -263,10 +259,6 @@ class StopFlag:
     @property
     def requested(self) -> bool:
         return self.signum is not None
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + int(self.signum or signal.SIGINT)  # 130 for SIGINT, 143 for SIGTERM
 
 
 @contextmanager

@@ -21,15 +21,7 @@ def validate(cfg) -> None:
     _check(every is None or (isinstance(every, int) and not isinstance(every, bool) and every >= 1),
            f"checkpoint_every must be null or an integer >= 1, got {cfg.checkpoint_every!r}")
     _check(cfg.target.batch_size >= 1, f"target.batch_size must be >= 1, got {cfg.target.batch_size!r}")
-    _check(cfg.micro_batch_size is None or int(cfg.micro_batch_size) >= 1,
-           f"micro_batch_size must be null or >= 1, got {cfg.micro_batch_size!r}")
-    _check(cfg.get("grad_path", "auto") in ("auto", "materialize", "ghost"),
-           f"grad_path must be auto|materialize|ghost, got {cfg.get('grad_path')!r}")
-    proj = cfg.selector.get("projection_dim")
-    _check(proj is None or (isinstance(proj, int) and not isinstance(proj, bool) and proj >= 1),
-           f"selector.projection_dim must be null or an integer >= 1, got {proj!r}")
-    _check(cfg.selector.get("projection", "countsketch") in ("countsketch", "factored"),
-           f"selector.projection must be countsketch|factored, got {cfg.selector.get('projection')!r}")
+    validate_engine(cfg.engine)
     _check(cfg.optim.schedule in SCHEDULES,
            f"optim.schedule must be one of {'|'.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
     _check(cfg.optim.max_grad_norm is None or float(cfg.optim.max_grad_norm) > 0,
@@ -54,3 +46,22 @@ def validate(cfg) -> None:
                                           f"(torch {torch.__version__}); use device=auto or device=cpu")
     _check(str(cfg.progress).lower() in ("auto", "true", "false"),
            f"progress must be auto|true|false, got {cfg.progress!r}")
+
+
+def _int_or_null(v, minimum: int = 1) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= minimum)
+
+
+def validate_engine(eng) -> None:
+    """The `engine:` group (fwsel.grads.dist.build_engine reads exactly these keys)."""
+    from fwsel.grads.ghost import PATHS
+    from fwsel.grads.project import KINDS
+
+    _check(eng.grad_path in PATHS, f"engine.grad_path must be one of {'|'.join(PATHS)}, got {eng.grad_path!r}")
+    _check(_int_or_null(eng.projection_dim),
+           f"engine.projection_dim must be null or an integer >= 1, got {eng.projection_dim!r}")
+    _check(eng.projection in KINDS, f"engine.projection must be one of {'|'.join(KINDS)}, got {eng.projection!r}")
+    _check(_int_or_null(eng.micro_batch_size),
+           f"engine.micro_batch_size must be null or an integer >= 1, got {eng.micro_batch_size!r}")
+    _check(_int_or_null(eng.loss_chunk_tokens) and eng.loss_chunk_tokens is not None,
+           f"engine.loss_chunk_tokens must be an integer >= 1, got {eng.loss_chunk_tokens!r}")

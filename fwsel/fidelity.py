@@ -64,13 +64,6 @@ def measured_change(model, batch: dict, before, chunk_tokens: int) -> float | No
     return float(after[ok].mean() - before[ok].mean()) if bool(ok.any()) else None
 
 
-def clip_coef(total_norm, max_norm) -> float:
-    """clip_grad_norm_'s factor for a known total norm (1 when it does not bind); the loop clips with it."""
-    if max_norm is None or total_norm is None:
-        return 1.0
-    return float(min(1.0, float(max_norm) / (float(total_norm) + 1e-6)))
-
-
 def summarise(rows: list[dict], warmup: int = 0, key: str = "fid_pred") -> dict[str, float]:
     """Spearman / Pearson of `key` vs `fid_meas` over steps > warmup, raw and per unit LR."""
     from scipy.stats import pearsonr, spearmanr

@@ -13,10 +13,12 @@ so every rank takes the same decisions and rank 0 logs what one process would.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ from fwsel.grads.loss import sequence_losses
 from fwsel.modeling import build_model
 from fwsel.rng import int_seed, np_rng, torch_gen
 from fwsel.schedule import build_optimizer
-from fwsel.selectors.base import Pool
+from fwsel.selectors.base import Needs, Pool, Product
 
 log = logging.getLogger("fwsel")
 
@@ -74,6 +76,68 @@ def grad_norm(params) -> float:
     if not gs:
         return 0.0
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).float() for g in gs])))
+
+
+def clip_update(params, norm: float, max_norm) -> float:
+    """Scale the formed update as `torch.nn.utils.clip_grad_norm_` does, with its (finite) total
+    norm already known: one norm pass per step, not two. Returns the factor (1: did not bind).
+
+    Per-tensor `mul_` by a Python float: the exactly rounded product in every dtype
+    (`clip_grads_with_norm_` would round the factor to bf16 first on bf16 gradients).
+    """
+    coef = 1.0 if max_norm is None else min(1.0, float(max_norm) / (norm + 1e-6))
+    if coef < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return coef
+
+
+@dataclass
+class StepRow:
+    """The fixed part of a metrics.jsonl row, in the order written (step 0's row: None where
+    nothing was trained). The selector's `sel_*`, diagnostics.fidelity's `fid_*`, the stream's
+    `data_*` counts and, on evaluation steps, `target_eval_*` follow."""
+
+    step: int  # optimizer steps taken
+    examples_seen: int = 0  # pool rows drawn so far (N per step)
+    examples_trained: int = 0  # rows trained on so far
+    tokens_trained: int = 0  # supervised tokens trained on so far
+    lr: float | None = None  # the LR of this step's update
+    train_loss: float | None = None  # weighted mean loss of the rows trained (None: no update)
+    grad_norm: float | None = None  # the update's norm before clipping
+    nonfinite_rows: int | None = None  # candidates dropped this step for a non-finite loss or gradient
+    skipped_steps: int | None = None  # steps without an update so far
+    sec_step: float | None = None  # wall time of the step
+    sec_select: float | None = None  # of which scoring and selecting
+    selected_per_source: dict | None = None  # rows trained per source tag
+    weight_per_source: dict | None = None  # summed weight per source tag
+
+
+SUMMARY_TOTALS = ("nonfinite_rows", "skipped_steps")  # run totals summary.json reports
+
+
+@dataclass
+class Scored:
+    """What the score phase computed for one pool (`finite`: rows that may train)."""
+
+    target: dict | None = None  # the target batch (scored under Needs.GRADS)
+    scores: object = None  # fwsel.grads.Scores under Needs.GRADS
+    losses: torch.Tensor | None = None  # per-row losses under Needs.LOSSES
+    finite: np.ndarray | None = None
+
+
+@dataclass
+class Update:
+    """What the update phase did: rows trained (pool positions), weights, and its numbers."""
+
+    idx: list = field(default_factory=list)
+    w: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    train_loss: float | None = None
+    tokens: int = 0
+    norm: float = 0.0
+    nonfinite: int = 0  # candidates dropped for a non-finite loss or gradient
+    fid: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -118,96 +182,112 @@ class Trainer:
         return {k: v.to(self.device) for k, v in self.collate(rows).items()}
 
     def get_engine(self) -> "grads.GradEngine":
+        """Built on the first step that needs gradients, from the `engine:` group and what the
+        selector reads (every product under diagnostics.fidelity: the predictions read K)."""
         if self.engine is None:
-            self.engine = build_engine(self.model, self.optimizer, metric=self.selector.metric, comm=self.comm,
-                                       projection_dim=self.cfg.selector.get("projection_dim"),
-                                       projection=self.cfg.selector.get("projection", "countsketch"),
-                                       projection_seed=int_seed(self.seed, "projection"),
-                                       loss_chunk_tokens=int(self.cfg.loss_chunk_tokens),
-                                       micro_batch_size=self.cfg.micro_batch_size,
-                                       grad_path=self.cfg.get("grad_path", "auto"),
-                                       **dict(self.selector.engine_kwargs))
+            needs = self.selector.engine_needs
+            if self.selector.fidelity:
+                needs = dataclasses.replace(needs, products=Product.all())
+            self.engine = build_engine(self.cfg.engine, needs, self.model, self.optimizer, comm=self.comm,
+                                       projection_seed=int_seed(self.seed, "projection"))
         return self.engine
 
-    # ---- one step ----
+    # ---- one step: pool, gradients (score), geometry, select, update, log ----
     def train_step(self, t: int) -> dict:
         t0 = time.perf_counter()
-        rows = self.data.stream.pool(t, self.N)  # pool
+        rows = self.pool_rows(t)
+        lr = self.optimizer.param_groups[0]["lr"]
+        need = Needs(self.selector.needs(t))
+        sc = self.score(t, rows, need)  # gradients and geometry (the engine), or losses
+        pool = Pool(rows, self.k, t, lr, torch_gen(self.seed, "selector", t), scores=sc.scores, losses=sc.losses,
+                    optimizer=self.optimizer, engine=self.engine if sc.scores is not None else None,
+                    clip_prev=self.clip_prev, max_norm=self.cfg.optim.max_grad_norm)
+        sel = self.comm.broadcast_object(self.selector.select(pool))  # rank 0's, should rounding differ
+        t_sel = time.perf_counter() - t0
+        up = self.update(t, need, pool, sc, sel)
+        self.step = t + 1
+        return self.log_row(t, rows, sel, up, lr, t0, t_sel)
+
+    def pool_rows(self, t: int) -> list[dict]:
+        rows = self.data.stream.pool(t, self.N)
         if len(rows) < self.N:
             raise Exhausted(f"the stream ran out at step {t} ({len(rows)} of {self.N} pool rows left)")
-        lr = self.optimizer.param_groups[0]["lr"]
-        need = self.selector.needs(t)
-        scores = losses = None
-        finite = np.ones(self.N, dtype=bool)  # known before selection only when something is scored
-        if need == "grads":  # gradients and geometry: one forward + one backward over pool + target
+        return rows
+
+    def score(self, t: int, rows: list[dict], need: Needs) -> Scored:
+        """Gradients: one forward + one backward over pool + target (the engine's Scores); losses:
+        a no-grad forward over the pool; none: nothing (every row counts as finite)."""
+        if need is Needs.GRADS:
             target = self.batch(self.target_rows(t))
             scores = self.get_engine().score(self.batch(rows), target, extra_dirs=self.selector.extra_dirs(t), k=self.k)
-            finite = scores.finite.cpu().numpy().astype(bool)
-        elif need == "losses":
+            return Scored(target, scores, finite=scores.finite.cpu().numpy().astype(bool))
+        if need is Needs.LOSSES:
             with torch.no_grad():
                 losses = self.shard_losses(self.batch(rows))[1]
-            finite = torch.isfinite(losses).numpy()
-        pool = Pool(rows, self.k, t, lr, torch_gen(self.seed, "selector", t), scores=scores, losses=losses,
-                    optimizer=self.optimizer, engine=self.engine if scores is not None else None,
-                    clip_prev=self.clip_prev, max_norm=self.cfg.optim.max_grad_norm)
-        sel = self.comm.broadcast_object(self.selector.select(pool))  # select (rank 0's, should rounding differ)
-        declined = not len(sel.indices) and bool(finite.any())  # e.g. ftw empty_support=skip: no row helps
-        idx, w = usable(sel.indices, sel.weights, finite)  # a non-finite candidate never trains
-        t_sel = time.perf_counter() - t0
-        picked = len(idx)
-        idx, w, train_loss, tokens = self.form_update(need, rows, scores, idx, w)  # update
-        nonfinite = int((~finite).sum()) + picked - len(idx)
-        norm = grad_norm(self.params)
-        fid = {}
-        if idx and math.isfinite(norm):
-            clip = fidelity.clip_coef(norm, self.cfg.optim.max_grad_norm)  # clip_grad_norm_'s factor, norm known
+            return Scored(losses=losses, finite=torch.isfinite(losses).numpy())
+        return Scored(finite=np.ones(self.N, dtype=bool))
+
+    def update(self, t: int, need: Needs, pool: Pool, sc: Scored, sel) -> Update:
+        """Form the weighted update of the usable picks, clip it, step; or skip the step."""
+        picked, w = usable(sel.indices, sel.weights, sc.finite)  # a non-finite candidate never trains
+        idx, w, train_loss, tokens = self.form_update(need, pool.rows, sc.scores, picked, w)
+        up = Update(idx, w, train_loss, tokens, norm=grad_norm(self.params),
+                    nonfinite=int((~sc.finite).sum()) + len(picked) - len(idx))
+        if idx and math.isfinite(up.norm):
+            clip = clip_update(self.params, up.norm, self.cfg.optim.max_grad_norm)
             self.clip_prev = clip  # ftw clip_q=prev reads it next step
-            if clip < 1.0:
-                torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], clip)
-            if self.selector.fidelity and scores is not None:  # diagnostics.fidelity: predicted ...
-                fid = self.selector.predict_change(pool, idx, w, clip)
+            if self.selector.fidelity and sc.scores is not None:  # diagnostics.fidelity: predicted ...
+                up.fid = self.selector.predict_change(pool, idx, w, clip)
             self.optimizer.step()
             self.scheduler.step()
             self.totals["bad_in_a_row"] = 0
-            if fid:  # ... and measured target-loss change (one extra no-grad forward)
-                fid["fid_meas"] = fidelity.measured_change(self.model, target, scores.target_losses,
-                                                           int(self.cfg.loss_chunk_tokens))
-        elif declined:  # a choice, not a failure: skipped like a bad step, but never aborts the run
-            log.info("step %d: %s chose no row (empty support): no update", t + 1, self.selector.name)
-            self.totals["skipped_steps"] += 1
-            idx, w, train_loss, tokens = [], np.zeros(0), None, 0
-        else:  # no optimizer or scheduler update; the next step sees the next pool
-            self.bad_reason = (f"the update gradient norm is {norm}" if idx else
-                               f"no selected candidate has a finite loss and gradient ({nonfinite} non-finite)")
-            log.warning("step %d skipped: %s", t + 1, self.bad_reason)
-            self.totals["skipped_steps"] += 1
-            self.totals["bad_in_a_row"] += 1
-            idx, w, train_loss, tokens = [], np.zeros(0), None, 0
+            if up.fid:  # ... and measured target-loss change (one extra no-grad forward)
+                up.fid["fid_meas"] = fidelity.measured_change(self.model, sc.target, sc.scores.target_losses,
+                                                              int(self.cfg.engine.loss_chunk_tokens))
+        elif not len(sel.indices) and bool(sc.finite.any()):  # e.g. ftw empty_support=skip: no row helps
+            self._skip(t, up, f"{self.selector.name} chose no row (empty support)", counts_as_bad=False)
+        else:
+            self._skip(t, up, f"the update gradient norm is {up.norm}" if idx else
+                       f"no selected candidate has a finite loss and gradient ({up.nonfinite} non-finite)",
+                       counts_as_bad=True)
         self.optimizer.zero_grad(set_to_none=True)
-        self.step = t + 1
+        return up
 
-        self.totals["examples_trained"] += len(idx)  # log
-        self.totals["tokens_trained"] += tokens
-        self.totals["nonfinite_rows"] += nonfinite
-        if nonfinite:
-            log.warning("step %d: dropped %d candidate(s) with a non-finite loss or gradient", t + 1, nonfinite)
+    def _skip(self, t: int, up: Update, reason: str, counts_as_bad: bool) -> None:
+        """No optimizer or scheduler step; the next step sees the next pool. A bad step (no
+        finite update) counts towards max_bad_steps; a declined one (a choice) never aborts."""
+        self.totals["skipped_steps"] += 1
+        if counts_as_bad:
+            self.bad_reason = reason
+            self.totals["bad_in_a_row"] += 1
+            log.warning("step %d skipped: %s", t + 1, reason)
+        else:
+            log.info("step %d: %s: no update", t + 1, reason)
+        up.idx, up.w, up.train_loss, up.tokens = [], np.zeros(0), None, 0
+
+    def log_row(self, t: int, rows: list[dict], sel, up: Update, lr: float, t0: float, t_sel: float) -> dict:
+        """Update the run totals, write the selection, and return the step's metrics row."""
+        self.totals["examples_trained"] += len(up.idx)
+        self.totals["tokens_trained"] += up.tokens
+        self.totals["nonfinite_rows"] += up.nonfinite
+        if up.nonfinite:
+            log.warning("step %d: dropped %d candidate(s) with a non-finite loss or gradient", t + 1, up.nonfinite)
         srcs, wsum = collections.Counter(), collections.defaultdict(float)
-        for i, wi in zip(idx, w):
+        for i, wi in zip(up.idx, up.w):
             srcs[rows[i]["source"]] += 1
             wsum[rows[i]["source"]] += float(wi)
-        self.writer.log_selection(t + 1, [rows[i]["id"] for i in idx], w)
-        row = {"step": t + 1, "examples_seen": (t + 1) * self.N,
-               "examples_trained": self.totals["examples_trained"],
-               "tokens_trained": self.totals["tokens_trained"], "lr": lr, "train_loss": train_loss,
-               "grad_norm": norm, "nonfinite_rows": nonfinite, "skipped_steps": self.totals["skipped_steps"],
-               "sec_step": time.perf_counter() - t0, "sec_select": t_sel,
-               "selected_per_source": dict(srcs), "weight_per_source": dict(wsum)}
+        self.writer.log_selection(t + 1, [rows[i]["id"] for i in up.idx], up.w)
+        row = vars(StepRow(step=t + 1, examples_seen=(t + 1) * self.N, examples_trained=self.totals["examples_trained"],
+                           tokens_trained=self.totals["tokens_trained"], lr=lr, train_loss=up.train_loss,
+                           grad_norm=up.norm, nonfinite_rows=up.nonfinite, skipped_steps=self.totals["skipped_steps"],
+                           sec_step=time.perf_counter() - t0, sec_select=t_sel, selected_per_source=dict(srcs),
+                           weight_per_source=dict(wsum)))
         row.update({f"sel_{k}": v for k, v in sel.diagnostics.items()})
-        row.update(fid)
+        row.update(up.fid)
         row.update(self.data.counts())  # data_skipped / data_unsupervised / data_truncated (file and hf streams)
         return row
 
-    def form_update(self, need: str, rows: list[dict], scores, idx: list[int], w: np.ndarray):
+    def form_update(self, need: Needs, rows: list[dict], scores, idx: list[int], w: np.ndarray):
         """Write the weighted update of rows `idx` into .grad; returns (idx, w, train_loss, tokens).
 
         Selectors that score nothing meet a row's loss here first: a non-finite row is dropped
@@ -216,7 +296,7 @@ class Trainer:
         if not idx:
             return idx, w, None, 0
         chosen = self.batch([rows[i] for i in idx])
-        if need == "grads":  # from the kept per-sample gradients
+        if need is Needs.GRADS:  # from the kept per-sample gradients
             self.engine.apply_update(idx, w)
             return idx, w, float((scores.losses[idx].double().cpu().numpy() * w).mean()), n_tokens(chosen)
         with self.comm.reduce_grads(self.params):  # each rank backprops its shard of the chosen rows
@@ -242,12 +322,12 @@ class Trainer:
         part = self.comm.shard(n)
         out = None
         if part.stop > part.start:
-            out = sequence_losses(self.model, {k: v[part] for k, v in batch.items()}, int(self.cfg.loss_chunk_tokens))
+            out = sequence_losses(self.model, {k: v[part] for k, v in batch.items()}, int(self.cfg.engine.loss_chunk_tokens))
         mine = out.losses.detach().double().cpu() if out is not None else torch.zeros(0, dtype=torch.float64)
         return out, self.comm.gather_rows(mine, n)
 
     def eval_row(self) -> dict:
-        return evaluate(self.model, self.collate, self.data.eval, self.device, int(self.cfg.loss_chunk_tokens),
+        return evaluate(self.model, self.collate, self.data.eval, self.device, int(self.cfg.engine.loss_chunk_tokens),
                         comm=self.comm)
 
     def save_checkpoint(self) -> None:
@@ -267,7 +347,7 @@ class Trainer:
                  "target rows: %d select, %d eval", self.N, self.k, self.v, self.k / self.N, self.steps * self.N,
                  len(self.data.select), len(self.data.eval))
         self.writer.update_summary(target_select_rows=len(self.data.select), target_eval_rows=len(self.data.eval))
-        if self.N > LARGE_POOL and self.selector.needs(self.step) != "none":
+        if self.N > LARGE_POOL and self.selector.needs(self.step) is not Needs.NONE:
             log.warning("budget %g makes a pool of N=%d rows, each scored every step: a step costs about N/k = %.0fx "
                         "a plain one (raise budget or lower batch_size for quicker steps)",
                         self.k / self.N, self.N, self.N / self.k)
@@ -277,9 +357,7 @@ class Trainer:
                         "(status exhausted; a finite source is read once, there are no epochs)",
                         size, self.steps * self.N)
         if self.step == 0:
-            first = {"step": 0, "examples_seen": 0, "examples_trained": 0, "tokens_trained": 0, "lr": None,
-                     "train_loss": None, "sec_step": None, "sec_select": None,
-                     "selected_per_source": None, "weight_per_source": None, **self.eval_row()}
+            first = {**vars(StepRow(step=0)), **self.eval_row()}
             self.writer.log_metrics(first)
             self.tracker.log(first, 0)
             self.writer.update_summary(target_eval_loss_initial=first["target_eval_loss"])
@@ -319,8 +397,7 @@ class Trainer:
 
     def counts(self) -> dict:
         """Run totals for summary.json: non-finite rows and skipped steps, and the data stream's counts."""
-        return {"nonfinite_rows": self.totals["nonfinite_rows"], "skipped_steps": self.totals["skipped_steps"],
-                **self.data.counts()}
+        return {**{key: self.totals[key] for key in SUMMARY_TOTALS}, **self.data.counts()}
 
     def close(self) -> None:
         if self.engine is not None:

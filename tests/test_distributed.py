@@ -17,6 +17,7 @@ from fwsel.distributed import Comm, rank_args, run_dir_args
 from fwsel.errors import FwselError
 from fwsel.grads import GradEngine
 from fwsel.grads.dist import ShardedEngine, build_engine
+from fwsel.grads.needs import EngineNeeds
 from fwsel.grads.metric import pool_q
 from fwsel.grads.project import CountSketch, Projector, summed_pool_q
 
@@ -105,13 +106,19 @@ def _setup(steps_taken: int = 1):
 
 
 KW = dict(metric="adam", adam_q="pool", aux_metrics=("adam2",))
+NEEDS = EngineNeeds(**KW)
+
+
+def engine_cfg(projection_dim=None, projection="countsketch") -> dict:
+    return {"grad_path": "auto", "projection_dim": projection_dim, "projection": projection,
+            "micro_batch_size": None, "loss_chunk_tokens": 4096}
 PICKS = ([0, 2, 6, 3], [1.5, 0.5, 1.0, 1.0])  # positions on both ranks' shards (rank 0: 0-3, rank 1: 4-6)
 PICKS_R0 = ([1, 2], [0.7, 1.3])  # rank 1 has no selected row: it still joins the all-reduce
 
 
 def _one_process(picks, proj):
     model, opt, pool, target = _setup()
-    eng = build_engine(model, opt, comm=Comm(), **proj, projection_seed=5, **KW)
+    eng = build_engine(engine_cfg(**proj), NEEDS, model, opt, comm=Comm(), projection_seed=5)
     s = eng.score(pool, target, extra_dirs=("momentum", "decay"), k=3)
     eng.apply_update(*picks)
     return s, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -119,7 +126,7 @@ def _one_process(picks, proj):
 
 def _check_ranks(comm, picks, proj, want_scores, want_grads):
     model, opt, pool, target = _setup()
-    eng = build_engine(model, opt, comm=comm, **proj, projection_seed=5, **KW)
+    eng = build_engine(engine_cfg(**proj), NEEDS, model, opt, comm=comm, projection_seed=5)
     assert isinstance(eng, ShardedEngine)
     s = eng.score(pool, target, extra_dirs=("momentum", "decay"), k=3)
     assert s.finite.tolist() == want_scores.finite.tolist() and not bool(s.finite[5])

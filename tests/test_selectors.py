@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fwsel.selectors.base import Pool
+from fwsel.selectors.base import EngineNeeds, Needs, Pool, Product
 from fwsel.selectors.ftw import FTW
+from fwsel.selectors.full import FullSelector
 from fwsel.selectors.gradnorm import GradNorm
 from fwsel.selectors.greats import Greats
 from fwsel.selectors.less import Less
@@ -232,12 +233,23 @@ def test_ftw_overlap_less_and_poor_frac():
     s.poor_frac = 0.25
     less_b = np.asarray(s.b[:, 0]) * np.arange(1, 25)  # a different ranking under D^2
     s.aux = {"adam2": {"b": torch.tensor(less_b), "sq_norms": s.sq_norms, "y2": 1.0}}
-    d = ftw().select(pool(s, 6)).diagnostics
+    d = ftw(log_overlap_less=True).select(pool(s, 6)).diagnostics
     assert d["poor_frac"] == 0.25 and 0.0 <= d["overlap_less"] <= 1.0
     assert 0.0 < d["explained"] <= 1.0 and d["alpha_star"] > 0
-    assert "overlap_less" not in ftw(log_overlap_less=False).select(pool(s, 6)).diagnostics
-    assert ftw().engine_kwargs == {"aux_metrics": ("adam2",), "adam_q": "pool"}
-    assert ftw(metric="D2").metric == "adam2" and ftw(geometry="sgd", log_overlap_less=False).engine_kwargs == {}
+    assert "overlap_less" not in ftw().select(pool(s, 6)).diagnostics  # a diagnostic: off by default
+    assert ftw(log_overlap_less=True).engine_needs == EngineNeeds("adam", Product.B | Product.K | Product.Y2,
+                                                                  aux_metrics=("adam2",), adam_q="pool")
+    assert ftw(metric="D2").metric == "adam2" and ftw(geometry="sgd").engine_needs.aux_metrics == ()
+
+
+def test_selectors_declare_only_the_products_they_read():
+    assert TracIn(name="t").engine_needs.products == Product.B | Product.SQ_NORMS  # no Gram
+    assert Product.K in Greats(name="g").engine_needs.products and Greats(name="g").metric == "sgd"
+    assert GradNorm(name="g").engine_needs.products == Product.SQ_NORMS
+    assert ftw().engine_needs.aux_metrics == () and Product.Y2 in ftw().engine_needs.products
+    assert Less(name="l", adam_q="state").engine_needs == EngineNeeds("adam2", Product.B | Product.SQ_NORMS,
+                                                                      adam_q="state")
+    assert FullSelector().needs(0) is Needs.NONE and MaxLoss(name="m").needs(0) is Needs.LOSSES
 
 
 def test_less_gradnorm_maxloss_rankings():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fwsel.grads import GradEngine
+from fwsel.grads.dist import build_engine
 from fwsel.selectors.base import Pool
 from fwsel.selectors.ftw import FTW
 from fwsel.selectors.gradnorm import GradNorm
@@ -14,6 +15,8 @@ from fwsel.selectors.tracin import TracIn
 from helpers_models import random_batch, tiny_model, with_lora
 
 K_SEL = 4
+ENGINE = {"grad_path": "auto", "projection_dim": None, "projection": "countsketch", "micro_batch_size": None,
+          "loss_chunk_tokens": 4096}  # conf/engine/default.yaml
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,7 @@ def trained():
 
 def run(trained, selector, lr=1e-2):
     model, opt = trained
-    eng = GradEngine(model, opt, metric=selector.metric, **selector.engine_kwargs)
+    eng = build_engine(ENGINE, selector.engine_needs, model, opt)
     try:
         scores = eng.score(random_batch(16, seed=1), random_batch(4, seed=2), extra_dirs=selector.extra_dirs(2), k=K_SEL)
     finally:
@@ -58,7 +61,7 @@ def test_selectors_run_on_engine_scores(trained, make):
 
 
 def test_ftw_diagnostics_and_ablation_on_engine_scores(trained):
-    sel, scores = run(trained, FTW(name="ftw"))
+    sel, scores = run(trained, FTW(name="ftw", log_overlap_less=True))
     d = sel.diagnostics
     assert 0 <= d["explained"] <= 1 and 0 <= d["poor_frac"] <= 1 and d["alpha_star"] > 0
     less, _ = run(trained, Less(name="less"))  # aux["adam2"] agrees with a D^2 engine

@@ -52,10 +52,12 @@ and output gradients; `K` from `(X_i X_j^T) ⊙ (E_i E_j^T)` in token chunks, `b
 is cheaper and exact (sgd metrics); `ghost` forces it, and in adam geometry its `K` then uses a
 rank-1 `D` with `adam_q=state` on those layers (approximate, logged, `Scores.ghost`).
 
-Several processes (torchrun) and sketched gradients: `fwsel.grads.dist.build_engine` returns a
-`ShardedEngine` (each rank scores a shard, rows are gathered, the update parts all-reduced)
-when the process group has several ranks or `projection_dim` is set (fwsel.grads.project);
-it materialises every layer (token-Gram factors are not gathered across ranks).
+Building one: `fwsel.grads.dist.build_engine(cfg.engine, needs, model, optimizer)` from the
+`engine:` config group (how to compute) and a selector's `fwsel.grads.needs.EngineNeeds` (the
+metric, the products it reads, aux metrics). It returns a `ShardedEngine` (each rank scores a
+shard, rows are gathered, the update parts all-reduced) when the process group has several
+ranks or `engine.projection_dim` is set (fwsel.grads.project); that one materialises every
+layer (token-Gram factors are not gathered across ranks).
 """
 
 from .engine import GradEngine, Scores

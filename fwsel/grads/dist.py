@@ -18,25 +18,29 @@ buffer need the all-reduce anyway, and the all-reduce moves `P` numbers against 
 
 from __future__ import annotations
 
-import warnings
-
-import numpy as np
 import torch
 
 from fwsel.distributed import Comm
 
 from . import project
-from .engine import GradEngine, Scores
+from .engine import GradEngine, Scores, finite_picks
+from .needs import EngineNeeds
 
 
-def build_engine(model, optimizer, metric="sgd", *, comm: Comm | None = None, projection_dim=None,
-                 projection: str = "countsketch", projection_seed: int = 0, **kw) -> GradEngine:
-    """The plain engine in one process with exact gradients, else a ShardedEngine."""
+def build_engine(cfg, needs: EngineNeeds, model, optimizer, *, comm: Comm | None = None,
+                 projection_seed: int = 0) -> GradEngine:
+    """The engine for one selector: `cfg` is the `engine:` config group (a mapping: grad_path,
+    projection, projection_dim, micro_batch_size, loss_chunk_tokens), `needs` what the selector
+    reads. The plain engine in one process with exact gradients, else a ShardedEngine."""
     comm = comm or Comm()
-    if not comm.active and projection_dim is None:
-        return GradEngine(model, optimizer, metric, **kw)
-    return ShardedEngine(model, optimizer, metric, comm=comm, projection_dim=projection_dim,
-                         projection=projection, projection_seed=projection_seed, **kw)
+    kw = dict(adam_q=needs.adam_q, aux_metrics=needs.aux_metrics, products=needs.products,
+              loss_chunk_tokens=int(cfg["loss_chunk_tokens"]), micro_batch_size=cfg["micro_batch_size"],
+              grad_path=cfg["grad_path"])
+    dim = cfg["projection_dim"]
+    if not comm.active and dim is None:
+        return GradEngine(model, optimizer, needs.metric, **kw)
+    return ShardedEngine(model, optimizer, needs.metric, comm=comm, projection_dim=dim,
+                         projection=cfg["projection"], projection_seed=projection_seed, **kw)
 
 
 class ShardedEngine(GradEngine):
@@ -54,7 +58,7 @@ class ShardedEngine(GradEngine):
         self.proj = None if projection_dim is None else project.build(
             projection, self.cap.blocks, projection_dim, int(projection_seed), self.cap.device, self.cap.dtype)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self._sizes = self._local = self._global_finite = None
+        self._sizes = self._global_finite = None
         self._k, self._dirs, self._dir_feats, self._poor = None, (), None, None
 
     def metrics(self) -> tuple:
@@ -71,42 +75,37 @@ class ShardedEngine(GradEngine):
         self._pool = {"attention_mask": torch.ones_like(local["input_ids"]), **local}
         return scores
 
-    def _exchange(self, n_loc: int, losses: torch.Tensor) -> tuple[int, torch.Tensor]:
+    def _exchange(self, n_loc: int, losses: torch.Tensor, local: torch.Tensor):
+        """Every rank's rows (exact, or projected features), gathered; `local` (this rank's exact
+        rows: pool shard, then target shard) stays the captured buffer for the update."""
         n, v, _ = self._sizes
-        self._local = self.cap.buf  # exact rows of this rank: pool shard, then target shard
-        feats = self._local
+        feats = local
         if self.proj is not None:
-            feats, self._dir_feats, self._poor = project.features(self, self._local, losses, n_loc, self._k,
-                                                                  self._dirs)
+            feats, self._dir_feats, self._poor = project.features(
+                self.proj, self.comm, self.optimizer, self.cap.blocks, local, losses, n_loc, self._k, self._dirs,
+                metrics=self.metrics(), adam_q=self.adam_q)
         c = self.comm
-        self.cap.buf = torch.cat([c.gather_rows(feats[:n_loc], n), c.gather_rows(feats[n_loc:], v)])
-        return n, torch.cat([c.gather_rows(losses[:n_loc], n), c.gather_rows(losses[n_loc:], v)])
+        rows = torch.cat([c.gather_rows(feats[:n_loc], n), c.gather_rows(feats[n_loc:], v)])
+        return n, torch.cat([c.gather_rows(losses[:n_loc], n), c.gather_rows(losses[n_loc:], v)]), rows
 
     def _products(self, n, finite, dirs, k) -> Scores:
         if self.proj is None:
             return super()._products(n, finite, dirs, k)
-        return project.products(self, self.cap.buf, n, finite, self._dir_feats, self._poor)
+        return project.products(self._rows, n, finite, self._dir_feats, self._poor, dim=self.proj.dim,
+                                metrics=self.metrics(), aux_metrics=self.aux_metrics)
 
     def _free(self) -> None:
         super()._free()
-        self._local = self._dir_feats = None
+        self._dir_feats = None
 
     def apply_update(self, indices, weights) -> None:
         """This rank's part of the update of global positions `indices`, summed over ranks."""
-        if self._local is None:
+        if self.cap.buf is None:
             raise RuntimeError("apply_update needs a score() first (and only one update per score)")
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        w = np.asarray(weights, dtype=np.float64).reshape(-1)
-        if idx.size != w.size:
-            raise ValueError("indices and weights differ in length")
-        ok = self._global_finite.numpy()[idx]
-        if not ok.all():
-            warnings.warn(f"dropping non-finite candidates {idx[~ok].tolist()} from the update")
-            idx, w = idx[ok], w[ok]
+        idx, w = finite_picks(indices, weights, self._global_finite)
         ps = self._sizes[2]
         mine = (idx >= ps.start) & (idx < ps.stop)
         # the base engine divides by its own row count: rescale so the parts sum to (1/|S|) sum w_i g_i
         local_w = w[mine] * (mine.sum() / idx.size) if idx.size else w[mine]
-        self.cap.buf, self._finite, self._local = self._local, self._global_finite[ps], None
         with self.comm.reduce_grads(self.params):
-            super().apply_update(idx[mine] - ps.start, local_w)
+            self._update(torch.as_tensor(idx[mine] - ps.start), torch.as_tensor(local_w))

@@ -14,9 +14,23 @@ from .ghost import PATHS, GhostOps, prefers_ghost
 from .local import local_update
 from .loss import concat_batches, sequence_losses, take_rows, unwrap
 from .metric import ADAM_Q, METRICS, adam_diag, group_of, pool_q, state_vec
+from .needs import Product
 
 DIRS = ("momentum", "decay")
 log = logging.getLogger(__name__)
+
+
+def finite_picks(indices, weights, finite: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, weights) as int64 / float64 arrays, without the rows `finite` rules out."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if idx.size != w.size:
+        raise ValueError("indices and weights differ in length")
+    ok = finite.numpy()[idx]
+    if not ok.all():
+        warnings.warn(f"dropping non-finite candidates {idx[~ok].tolist()} from the update")
+        idx, w = idx[ok], w[ok]
+    return idx, w
 
 
 @dataclass
@@ -64,11 +78,14 @@ class GradEngine:
     says it is cheaper AND it is exact, i.e. every metric asked for is sgd), `materialize`, or
     `ghost` (token Gram on every Linear not sharing its weight; in adam geometry that Gram uses a
     rank-1 D and, as pool q needs per-sample gradients, adam_q=state on those layers: approximate);
-    `ghost_chunk_tokens`: token block size of the token-Gram (bounds its memory).
+    `ghost_chunk_tokens`: token block size of the token-Gram (bounds its memory); `products`:
+    the products the caller reads (a fwsel.grads.needs.Product; None: all), the others may be
+    skipped. Built from the `engine:` config group by `fwsel.grads.dist.build_engine`.
     """
 
     def __init__(self, model, optimizer, metric="sgd", *, adam_q="pool", loss_chunk_tokens=4096,
-                 micro_batch_size=None, aux_metrics=(), grad_path="auto", ghost_chunk_tokens=1024):
+                 micro_batch_size=None, aux_metrics=(), grad_path="auto", ghost_chunk_tokens=1024,
+                 products=None):
         for m in (metric, *aux_metrics):
             if m not in METRICS:
                 raise ValueError(f"metric must be one of {METRICS}, got {m!r}")
@@ -86,10 +103,12 @@ class GradEngine:
         self.micro_batch_size, self.aux_metrics = micro_batch_size, tuple(aux_metrics)
         self.grad_path, self.ghost_chunk_tokens = grad_path, int(ghost_chunk_tokens)
         self.ghost_q = "state" if adam_q == "pool" else adam_q  # adam_q on token-Gram layers
+        self.products = Product.all() if products is None else products
         self.cap = Capture(model)
         if not self.cap.sites:
             raise ValueError("no trainable nn.Linear to capture (LoRA adapters or full fine-tuning)")
         self._pool: dict | None = None  # the scored pool rows, kept for the fallback backward
+        self._rows: torch.Tensor | None = None  # [N + v, .] rows the products read (cap.buf, or gathered)
         self._finite: torch.Tensor | None = None
         self._ghost: dict = {}  # id(site) -> GhostOps of the last scoring pass
         self._warned = False
@@ -147,8 +166,8 @@ class GradEngine:
                 if total.requires_grad:
                     torch.autograd.backward(total, inputs=[cap.dummy])
                 losses[s : s + cap.mb_rows] = out.losses.detach().double().cpu()
-        n, losses = self._exchange(n, losses)  # seam: fwsel.grads.dist gathers every rank's rows here
-        buf = cap.buf
+        n, losses, buf = self._exchange(n, losses, cap.buf)  # seam: fwsel.grads.dist gathers every rank's rows
+        self._rows = buf
         finite = torch.isfinite(losses) & torch.isfinite(buf.sum(1)).cpu()  # a NaN/inf entry spoils the sum
         facs = {i: cap.factors(cap.sites[i]) for i in sorted(ghost)}
         for i in ghost:  # the engine holds the factors from here on
@@ -183,13 +202,14 @@ class GradEngine:
             yield run
         yield from ([b] for b in self.cap.blocks if b.ghost is not None)
 
-    def _exchange(self, n: int, losses: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """Between capture and products: (pool rows, losses) of what the products see. Here the
-        rows just captured; a sharded engine (fwsel.grads.dist) swaps in every rank's rows."""
-        return n, losses
+    def _exchange(self, n: int, losses: torch.Tensor, rows: torch.Tensor):
+        """Between capture and products: (pool rows, losses, row matrix) the products see. Here
+        the rows just captured; a sharded engine (fwsel.grads.dist) returns every rank's rows
+        (the captured `rows` stay this rank's: the update reads them)."""
+        return n, losses, rows
 
     def _products(self, n, finite, dirs, k) -> Scores:
-        buf, f64 = self.cap.buf, torch.float64
+        buf, f64 = self._rows, torch.float64
         n_bad = int((~finite[:n]).sum())
         nf, nt = n - n_bad, int(finite[n:].sum())
         if nt == 0:
@@ -281,17 +301,14 @@ class GradEngine:
     # ------------------------------------------------------------------ update
     def apply_update(self, indices, weights) -> None:
         """Add (1/|S|) sum_S w_i g_i into .grad; fallback parameters get a weighted backward."""
-        buf = self.cap.buf
-        if buf is None:
+        if self.cap.buf is None:
             raise RuntimeError("apply_update needs a score() first (and only one update per score)")
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1))
-        w = torch.as_tensor(np.asarray(weights, dtype=np.float64).reshape(-1))
-        if idx.numel() != w.numel():
-            raise ValueError("indices and weights differ in length")
-        ok = self._finite[idx]
-        if not bool(ok.all()):
-            warnings.warn(f"dropping non-finite candidates {idx[~ok].tolist()} from the update")
-            idx, w = idx[ok], w[ok]
+        idx, w = finite_picks(indices, weights, self._finite)
+        self._update(torch.as_tensor(idx), torch.as_tensor(w))
+
+    def _update(self, idx: torch.Tensor, w: torch.Tensor) -> None:
+        """`apply_update` on finite rows `idx` of the captured buffer (`w` not yet divided by |S|)."""
+        buf = self.cap.buf
         try:
             if idx.numel():
                 coef = w / idx.numel()
@@ -324,7 +341,7 @@ class GradEngine:
                     torch.autograd.backward(total, inputs=params)
 
     def _free(self) -> None:
-        self.cap.buf, self._pool, self._ghost = None, None, {}
+        self.cap.buf, self._rows, self._pool, self._ghost = None, None, None, {}
         for s in self.cap.local:
             s.saved = []
 

@@ -1,7 +1,7 @@
-"""`selector.projection_dim`: per-sample gradients compressed to p random features (approximate).
+"""`engine.projection_dim`: per-sample gradients compressed to p random features (approximate).
 
 null (the default) keeps gradients exact. Two sketches, both unbiased (`E <f_i, f_j> = <g_i, g_j>`),
-with the same seed on every rank and every step (`selector.projection`):
+with the same seed on every rank and every step (`engine.projection`):
 * `countsketch` (default): each coordinate goes, with a random sign, into one of `p` buckets
   (`f = S g`, one scatter-add per row). Its error shrinks like `1/sqrt(p)`, as a dense Gaussian
   projection's does, while it stores `P` indices and signs instead of a `P x p` matrix (hundreds
@@ -45,9 +45,9 @@ KINDS = ("countsketch", "factored")
 
 def build(kind: str, blocks, dim: int, seed: int, device, dtype):
     if kind not in KINDS:
-        raise ValueError(f"selector.projection must be one of {'|'.join(KINDS)}, got {kind!r}")
+        raise ValueError(f"engine.projection must be one of {'|'.join(KINDS)}, got {kind!r}")
     if int(dim) < 1:
-        raise ValueError(f"projection_dim must be null or an integer >= 1, got {dim!r}")
+        raise ValueError(f"engine.projection_dim must be null or an integer >= 1, got {dim!r}")
     return (CountSketch if kind == "countsketch" else Projector)(blocks, int(dim), seed, device, dtype)
 
 
@@ -122,34 +122,37 @@ def summed_pool_q(s1, s2, nf: int, k: int) -> torch.Tensor:
     return q
 
 
-def features(engine, local: torch.Tensor, losses: torch.Tensor, n_loc: int, k, dirs):
+def features(proj, comm, opt, blocks, local: torch.Tensor, losses: torch.Tensor, n_loc: int, k, dirs, *,
+             metrics: tuple, adam_q: str):
     """This rank's projected rows `[rows, dim * n_metrics]` (non-finite rows: NaN), the extra
-    directions' features (main metric), and Adam's poor fraction. `local` is zeroed where not finite."""
-    proj, comm, opt = engine.proj, engine.comm, engine.optimizer
+    directions' features (main metric `metrics[0]`), and Adam's poor fraction.
+
+    `proj` is the sketch, `comm` the process group, `opt` the optimizer, `blocks` the captured
+    blocks (buffer column ranges); `local` (this rank's rows: `n_loc` pool, then target) is
+    zeroed where not finite."""
     fin = torch.isfinite(losses).to(local.device) & torch.isfinite(local.sum(1))
     local[~fin] = 0
-    metrics = engine.metrics()
-    groups, blocks = group_of(opt), engine.cap.blocks
+    groups = group_of(opt)
     D, poor, coords = [None] * len(blocks), 0, 0
     if any(m != "sgd" for m in metrics):
         Gp = local[:n_loc]
-        if engine.adam_q == "pool":
+        if adam_q == "pool":
             stats = torch.cat([Gp.sum(0), (Gp * Gp).sum(0), fin[:n_loc].sum().to(Gp)[None]])  # 2P + 1, buffer dtype
             comm.all_reduce_(stats)
             P, nf = local.shape[1], int(stats[-1])
             k_eff = min(k or nf, nf) if nf > 0 else 1
         for j, blk in enumerate(blocks):
-            if engine.adam_q == "pool":
+            if adam_q == "pool":
                 s1, s2 = stats[blk.start : blk.end], stats[P + blk.start : P + blk.end]
                 D[j], pj = adam_diag(blk.param, opt, groups, s1, "pool", summed_pool_q(s1, s2, nf, k_eff))
             else:  # state | taylor: D from the optimizer state alone
-                D[j], pj = adam_diag(blk.param, opt, groups, local[0, blk.start : blk.end], engine.adam_q)
+                D[j], pj = adam_diag(blk.param, opt, groups, local[0, blk.start : blk.end], adam_q)
             poor, coords = poor + int(pj), coords + D[j].numel()
     root = {"sgd": [None] * len(blocks), "adam": [d.sqrt() if d is not None else None for d in D],
             "adam2": D}
     feats = torch.cat([proj(local, root[m]) for m in metrics], 1)
     feats[~fin] = float("nan")  # the base engine drops non-finite rows by looking at the features
-    dir_feats, r_m = [], root[engine.metric]
+    dir_feats, r_m = [], root[metrics[0]]
     for d in dirs:
         if d == "momentum":  # <g, M m> = <M^1/2 g, M^1/2 m>
             us = [state_vec(opt, b.param, "exp_avg", local[0, b.start : b.end]) for b in blocks]
@@ -161,22 +164,23 @@ def features(engine, local: torch.Tensor, losses: torch.Tensor, n_loc: int, k, d
     return feats, dir_feats, (poor / coords if coords else None)
 
 
-def products(engine, buf, n: int, finite, dir_feats, poor_frac):
-    """Scores from gathered features (`buf` `[N + v, dim * n_metrics]`, non-finite rows zero)."""
+def products(buf, n: int, finite, dir_feats, poor_frac, *, dim: int, metrics: tuple, aux_metrics: tuple):
+    """Scores from gathered features (`buf` `[N + v, dim * len(metrics)]` in the order of
+    `metrics`, the main metric first; non-finite rows zero)."""
     from .engine import Scores
 
-    f64, dim = torch.float64, engine.proj.dim
+    f64 = torch.float64
     nt = int(finite[n:].sum())
     if nt == 0:
         warnings.warn("no target row has a finite loss and gradient: g_T = 0")
     out = {}  # metric -> (pool features, sketched g_T)
-    for i, m in enumerate(engine.metrics()):
+    for i, m in enumerate(metrics):
         F = buf[:, i * dim : (i + 1) * dim].to(f64)
         out[m] = (F[:n], F[n:].sum(0) / max(nt, 1))
-    Fp, gT = out[engine.metric]
+    Fp, gT = out[metrics[0]]
     U = torch.stack([gT, *[u.to(f64) for u in dir_feats]])
     K, B, G = (Fp @ Fp.T).cpu(), (Fp @ U.T).cpu(), (U @ U.T).cpu()
     aux = {a: {"b": (Fa @ ga).cpu(), "sq_norms": (Fa * Fa).sum(1).cpu(), "y2": float(ga @ ga)}
-           for a, (Fa, ga) in ((a, out[a]) for a in engine.aux_metrics)}
+           for a, (Fa, ga) in ((a, out[a]) for a in aux_metrics)}
     return Scores(K=K, b=B, y2=float(G[0, 0]), dir_gram=G, losses=None, target_losses=None,
                   sq_norms=K.diagonal().clone(), finite=finite[:n].clone(), poor_frac=poor_frac, aux=aux)

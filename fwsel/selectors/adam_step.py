@@ -28,16 +28,19 @@ class AdamRegram:
 
     def __init__(self, engine, optimizer, k: int) -> None:
         cap = getattr(engine, "cap", None)
-        if cap is None or cap.buf is None or getattr(engine, "_finite", None) is None:
+        rows = getattr(engine, "_rows", None)  # what the products read: every rank's rows under torchrun
+        finite = getattr(engine, "_global_finite", None)
+        finite = getattr(engine, "_finite", None) if finite is None else finite
+        if cap is None or rows is None or finite is None:
             raise ValueError("selector.clip_q / self_q need the engine's per-sample gradients (scored this step)")
         if getattr(engine, "proj", None) is not None or any(b.ghost is not None for b in cap.blocks):
             raise ValueError("selector.clip_q / self_q need exact materialised gradients "
-                             "(no projection_dim, grad_path materialize or auto)")
-        n = len(engine._finite)
-        self.G, T = cap.buf[:n], cap.buf[n:]
+                             "(engine.projection_dim null, engine.grad_path materialize or auto)")
+        n = len(finite)
+        self.G, T = rows[:n], rows[n:]
         nt = max(int((T.abs().sum(1) > 0).sum()), 1)  # non-finite target rows are zero in the buffer
         self.gT = T.sum(0) / nt
-        finite = engine._finite.to(self.G.device)
+        finite = finite.to(self.G.device)
         n_bad = int((~finite).sum())
         self.q_pool = pool_q(self.G, n_bad, max(min(k, n - n_bad), 1))
         groups, v, b2, bias, eps = group_of(optimizer), [], [], [], []

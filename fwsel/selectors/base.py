@@ -1,19 +1,34 @@
-"""The one small interface every selector implements.
+"""The one small interface every selector implements, and what score-based selectors share.
 
-The loop asks a selector what it `needs` for a step ("none": nothing beyond the rows,
-"losses": a no-grad forward over the pool, "grads": the gradient engine's `Scores`), hands
-it a `Pool`, and gets back a `Selection`: at most `k` pool positions and their weights.
-The loop normalises weights to mean 1 over the chosen rows and does the update, so a
-selector never touches the model or the optimizer's state.
+The loop asks a selector what it `needs` for a step (`Needs.NONE`: nothing beyond the rows,
+`Needs.LOSSES`: a no-grad forward over the pool, `Needs.GRADS`: the gradient engine's
+`Scores`, computed as its `engine_needs` asks), hands it a `Pool`, and gets back a
+`Selection`: at most `k` pool positions and their weights. The loop normalises weights to
+mean 1 over the chosen rows and does the update, so a selector never touches the model or
+the optimizer's state.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+from fwsel.grads.needs import EngineNeeds, Product
+
+__all__ = ["EngineNeeds", "Needs", "Pool", "Product", "ScoreTopK", "Selection", "Selector", "as_np", "candidates",
+           "choice", "topk", "uniform"]
+
+
+class Needs(str, enum.Enum):
+    """What one step of a selector needs computed before `select` (compares equal to its value)."""
+
+    NONE = "none"  # the rows alone
+    LOSSES = "losses"  # per-row losses: one no-grad forward over the pool
+    GRADS = "grads"  # the engine's Scores: one forward and one backward over pool + target
 
 
 @dataclass
@@ -25,8 +40,8 @@ class Pool:
     step: int  # optimizer steps already taken
     lr: float  # the LR the coming step uses
     rng: torch.Generator  # the selector's own generator (seeded from (seed, "selector", step))
-    scores: Any = None  # fwsel.grads.Scores when needs() == "grads"
-    losses: torch.Tensor | None = None  # per-sample losses when needs() == "losses"
+    scores: Any = None  # fwsel.grads.Scores when needs() is Needs.GRADS
+    losses: torch.Tensor | None = None  # per-sample losses when needs() is Needs.LOSSES
     optimizer: torch.optim.Optimizer | None = None
     engine: Any = None  # the engine that scored this step (holds the per-sample gradients until the update)
     clip_prev: float = 1.0  # the previous step's gradient-clipping factor (1 when it did not bind)
@@ -41,18 +56,22 @@ class Selection:
 
 
 class Selector:
-    """Base class. Subclasses set `name`, override `select`, and `needs` if they score."""
+    """Base class. Subclasses set `name`, override `select`, and `needs` (and `engine_needs`) if
+    they score."""
 
     name = "base"
-    metric = "sgd"  # GradEngine metric when needs() == "grads": sgd | adam | adam2
-    engine_kwargs: dict = {}  # extra GradEngine settings (e.g. adam_q)
+    engine_needs = EngineNeeds()  # metric, products and aux metrics of the Scores it reads
     fidelity = False  # set by the loop under diagnostics.fidelity: also predict each step's effect
 
     def __init__(self, **cfg: Any) -> None:
         self.cfg = cfg
 
-    def needs(self, step: int) -> str:
-        return "none"
+    @property
+    def metric(self) -> str:
+        return self.engine_needs.metric
+
+    def needs(self, step: int) -> Needs:
+        return Needs.NONE
 
     def extra_dirs(self, step: int) -> tuple:
         """Extra directions the engine should project on (see GradEngine.score)."""
@@ -80,3 +99,45 @@ def topk(scores, k: int, valid=None) -> list[int]:
     if valid is not None:
         order = [i for i in order if valid[i]]
     return [int(i) for i in order[: min(k, len(s))]]
+
+
+def choice(key: str, value: Any, options: tuple) -> Any:
+    """Validate an enumerated config value; the message names the key and the options."""
+    if value not in options:
+        raise ValueError(f"selector.{key} must be one of {'|'.join(map(str, options))}, got {value!r}")
+    return value
+
+
+def as_np(x) -> np.ndarray:
+    """float64 numpy copy of a tensor or array (scores arrive as torch tensors)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().to(torch.float64).numpy()
+    return np.array(x, dtype=np.float64)
+
+
+def candidates(scores) -> np.ndarray:
+    """Rows a gradient selector may pick: finite gradient and `|g_i| > 0` (docs/method.md#products)."""
+    finite = scores.finite.detach().cpu().numpy().astype(bool)
+    return finite & (as_np(scores.sq_norms) > 0)
+
+
+class ScoreTopK(Selector):
+    """Top-k of `score(pool)` among `valid(pool)`, ties by pool position, uniform weights."""
+
+    needs_kind = Needs.GRADS
+
+    def __init__(self, name: str, **kw: Any) -> None:
+        super().__init__(name=name, **kw)
+        self.name = name
+
+    def needs(self, step: int) -> Needs:
+        return self.needs_kind
+
+    def score(self, pool: Pool) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def valid(self, pool: Pool) -> np.ndarray:
+        return candidates(pool.scores)
+
+    def select(self, pool: Pool) -> Selection:
+        return uniform(topk(self.score(pool), pool.k, valid=self.valid(pool)))

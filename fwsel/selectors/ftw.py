@@ -3,7 +3,7 @@
 Filter by OMP with NNLS refits on the scale-free update-matching problem (from `K`, `b`, `y2`
 alone), weight by the last refit, normalise to mean 1 with the order-preserving cap, fall back
 when the support is empty. Every METHOD section 7 choice is a constructor key (see
-`conf/selector/ftw.yaml`); `projection_dim` (the engine's, not the selector's) compresses gradients.
+`conf/selector/ftw.yaml`); how gradients are computed (exact or sketched) is the `engine:` group's.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import numpy as np
 import torch
 
 from fwsel.selectors.adam_step import AdamRegram, clip_factor
-from fwsel.selectors.base import Pool, Selection, Selector, topk, uniform
-from fwsel.selectors.greats import greedy_interaction
-from fwsel.selectors.less import less_scores
+from fwsel.selectors.base import (EngineNeeds, Needs, Pool, Product, Selection, Selector, as_np, candidates, choice,
+                                  topk, uniform)
 from fwsel.selectors.omp import nnls_gram, omp, prune_small, ridge_lambda, ridged
-from fwsel.selectors.tracin import as_np, candidates, choice
+from fwsel.selectors.scoring import greedy_interaction, less_scores
 from fwsel.selectors.weights import normalise_and_cap
 
 FALLBACK_NONE, FALLBACK_TOPK, FALLBACK_SKIP = 0, 1, 2  # `sel_fallback` codes
@@ -79,7 +78,7 @@ class FTW(Selector):
         self_q: int = 0,
         empty_support: str = "topk",
         warmup_steps: int = 0,
-        log_overlap_less: bool = True,
+        log_overlap_less: bool = False,
         **kw: Any,
     ) -> None:
         super().__init__(name=name, **kw)
@@ -125,15 +124,14 @@ class FTW(Selector):
         self.min_gain, self.w_min, self.temper = float(min_gain), float(w_min), float(temper)
         self.redundancy = None if redundancy is None else float(redundancy)
         self.warmup_steps = int(warmup_steps)
-        self.metric = "sgd" if geometry == "sgd" else ("adam" if metric == "D" else "adam2")
-        aux = ("adam2",) if log_overlap_less and self.metric != "adam2" else ()
-        self.engine_kwargs = {"aux_metrics": aux} if aux else {}
-        if self.metric != "sgd" or aux:
-            self.engine_kwargs["adam_q"] = self.adam_q
+        m = "sgd" if geometry == "sgd" else ("adam" if metric == "D" else "adam2")
+        aux = ("adam2",) if log_overlap_less and m != "adam2" else ()  # a diagnostic: one more metric per step
+        self.engine_needs = EngineNeeds(m, Product.B | Product.K | Product.Y2, aux_metrics=aux,
+                                        adam_q=self.adam_q if m != "sgd" or aux else "pool")
         self.log_overlap_less = bool(log_overlap_less)
 
-    def needs(self, step: int) -> str:
-        return "none" if step < self.warmup_steps else "grads"
+    def needs(self, step: int) -> Needs:
+        return Needs.NONE if step < self.warmup_steps else Needs.GRADS
 
     def extra_dirs(self, step: int) -> tuple:
         drift = self.momentum_correction or (self.fidelity and self.metric == "adam")

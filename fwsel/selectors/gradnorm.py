@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from fwsel.selectors.base import Pool
-from fwsel.selectors.tracin import ScoreTopK, as_np
+from fwsel.selectors.base import EngineNeeds, Pool, Product, ScoreTopK, as_np
 
 
 class GradNorm(ScoreTopK):
-    metric = "sgd"
+    engine_needs = EngineNeeds("sgd", Product.SQ_NORMS)
 
     def score(self, pool: Pool) -> np.ndarray:
         return as_np(pool.scores.sq_norms)

@@ -11,31 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from fwsel.selectors.base import Pool, Selection
-from fwsel.selectors.tracin import ScoreTopK, as_np, candidates
-
-
-def greedy_interaction(b, K, k: int, scale: float, valid) -> tuple[list[int], float, float]:
-    """Greedy picks on `b_i - scale sum_{j in S} K_ij`; ties by pool position.
-
-    Returns (picks, first-order total, interaction total) summed over the picks at the time
-    each was taken.
-    """
-    gain = np.where(valid, b, -np.inf)
-    picks: list[int] = []
-    first = inter = 0.0
-    for _ in range(min(k, int(np.sum(valid)))):
-        i = int(np.argmax(gain))  # argmax returns the first maximum: the lowest position
-        first += b[i]
-        inter += b[i] - gain[i]
-        picks.append(i)
-        gain = gain - scale * K[:, i]
-        gain[picks] = -np.inf
-    return picks, first, inter
+from fwsel.selectors.base import EngineNeeds, Pool, Product, ScoreTopK, Selection, as_np, candidates
+from fwsel.selectors.scoring import greedy_interaction
 
 
 class Greats(ScoreTopK):
-    metric = "sgd"
+    engine_needs = EngineNeeds("sgd", Product.B | Product.K)
 
     def __init__(self, name: str, interaction_scale: float = 1.0, **kw: Any) -> None:
         super().__init__(name=name, interaction_scale=interaction_scale, **kw)

@@ -11,22 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from fwsel.selectors.base import Pool
-from fwsel.selectors.tracin import ScoreTopK, as_np, choice
-
-
-def less_scores(b, sq_norms) -> np.ndarray:
-    """`b_i / sqrt(|D g_i|^2)` in the D^2 metric; 0 where the gradient is 0."""
-    b, sq = as_np(b), as_np(sq_norms)
-    return np.divide(b, np.sqrt(np.maximum(sq, 0.0)), out=np.zeros_like(b), where=sq > 0)
+from fwsel.selectors.base import EngineNeeds, Pool, Product, ScoreTopK, choice
+from fwsel.selectors.scoring import less_scores
 
 
 class Less(ScoreTopK):
-    metric = "adam2"
-
     def __init__(self, name: str, adam_q: str = "pool", **kw: Any) -> None:
         super().__init__(name=name, adam_q=adam_q, **kw)
-        self.engine_kwargs = {"adam_q": choice("adam_q", adam_q, ("pool", "state", "taylor"))}
+        q = choice("adam_q", adam_q, ("pool", "state", "taylor"))
+        self.engine_needs = EngineNeeds("adam2", Product.B | Product.SQ_NORMS, adam_q=q)
 
     def score(self, pool: Pool) -> np.ndarray:
         return less_scores(pool.scores.b[:, 0], pool.scores.sq_norms)

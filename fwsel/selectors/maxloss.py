@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from fwsel.selectors.base import Pool
-from fwsel.selectors.tracin import ScoreTopK, as_np
+from fwsel.selectors.base import Needs, Pool, ScoreTopK, as_np
 
 
 class MaxLoss(ScoreTopK):
-    needs_kind = "losses"
+    needs_kind = Needs.LOSSES
 
     def score(self, pool: Pool) -> np.ndarray:
         return as_np(pool.losses)

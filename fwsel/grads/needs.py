@@ -1,0 +1,45 @@
+"""What a selector asks of the gradient engine: the metric, the products, the aux metrics.
+
+A selector declares an `EngineNeeds` once; the loop hands it to `build_engine` together with
+the `engine:` config group (how to compute: path, micro-batches, sketch). `products` names the
+products the selector reads, so an engine may skip the ones nobody uses (TracIn reads `b` and
+the squared norms of its candidate mask, never `K`); an engine may still return more.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .metric import ADAM_Q, METRICS
+
+
+class Product(enum.Flag):
+    """Products of `Scores` (see docs/method.md#products)."""
+
+    B = enum.auto()  # b[:, 0] = <g_i, M g_T> (and one column per extra direction)
+    K = enum.auto()  # the Gram K = <g_i, M g_j> (its diagonal gives the squared norms)
+    Y2 = enum.auto()  # y2 = <g_T, M g_T> and dir_gram
+    SQ_NORMS = enum.auto()  # |g_i|_M^2 = diag(K), wanted without the rest of K
+
+    @classmethod
+    def all(cls) -> "Product":
+        return cls.B | cls.K | cls.Y2 | cls.SQ_NORMS
+
+
+@dataclass(frozen=True)
+class EngineNeeds:
+    """One selector's request to the engine (validated on construction)."""
+
+    metric: str = "sgd"  # sgd | adam | adam2: the M of every product
+    products: Product = Product.all()
+    aux_metrics: tuple = ()  # other metrics whose b, sq_norms and y2 are also returned (Scores.aux)
+    adam_q: str = "pool"  # frozen second moment of the adam metrics: pool | state | taylor
+
+    def __post_init__(self) -> None:
+        for m in (self.metric, *self.aux_metrics):
+            if m not in METRICS:
+                raise ValueError(f"metric must be one of {'|'.join(METRICS)}, got {m!r}")
+        if self.adam_q not in ADAM_Q:
+            raise ValueError(f"adam_q must be one of {'|'.join(ADAM_Q)}, got {self.adam_q!r}")
+        object.__setattr__(self, "aux_metrics", tuple(self.aux_metrics))
