@@ -157,7 +157,7 @@ def test_regram_matches_the_engine_and_an_explicit_oracle(stepped):
         eng.close()
 
 
-@pytest.mark.parametrize("kw", [dict(clip_q="prev"), dict(clip_q="fixed_point"), dict(self_q=2),
+@pytest.mark.parametrize("kw", [dict(clip_q="prev"), dict(clip_q="fixed_point"), dict(self_q=2), dict(objective="step"),
                                 dict(clip_q="fixed_point", self_q=1)])
 def test_step_consistent_choice_runs_on_engine_scores(stepped, kw):
     model, opt = stepped
@@ -176,3 +176,29 @@ def test_step_consistent_choice_runs_on_engine_scores(stepped, kw):
     elif kw.get("clip_q"):
         assert 0 < c < 1  # max_norm 1e-3 binds
     assert clip_factor(2.0, 1.0) == 0.5 and clip_factor(0.5, 1.0) == 1.0 and clip_factor(2.0, None) == 1.0
+
+
+def test_clipped_step_meets_the_clip_length_and_beats_the_rescaled_matching_choice():
+    from fwsel.selectors.adam_step import clipped_step
+
+    rng = np.random.default_rng(7)
+    G = rng.normal(size=(16, 50)) * rng.lognormal(0, 0.5, size=(16, 1))
+    D = rng.lognormal(0, 1, size=50)
+    gT = G[:5].mean(0) + 0.3 * rng.normal(size=50)
+    K, K2, b = (G * D) @ G.T, G @ G.T, (G * D) @ gT
+
+    def solve(A):
+        res = omp(A, b, 1.0, 6, ridge_lambda(A, 1e-6, "self"), 0.0)
+        return res.support, res.u
+
+    def utility(S, x):
+        return b[S] @ x - 0.5 * x @ K[np.ix_(S, S)] @ x
+
+    S0, x0 = solve(K)
+    full = float(np.sqrt(x0 @ K2[np.ix_(S0, S0)] @ x0))
+    m = 0.2 * full  # the clip binds
+    S, x, mu = clipped_step(K, K2, b, m, 1.0, solve)
+    assert mu > 0 and np.sqrt(x @ K2[np.ix_(S, S)] @ x) == pytest.approx(m, rel=1e-2)
+    assert utility(S, x) >= utility(S0, x0 * m / full) - 1e-12  # the matching choice, clipped to length m
+    S1, x1, mu1 = clipped_step(K, K2, b, 10 * full, 1.0, solve)  # no clip: the plain matching optimum
+    assert mu1 == 0 and S1 == S0 and np.allclose(x1, x0)

@@ -65,6 +65,10 @@ class AdamRegram:
         y2 = float((self.gT * self.diag(q) * self.gT).sum())
         return K, b, y2
 
+    def l2_gram(self) -> np.ndarray:
+        """`<g_i, g_j>` over the captured coordinates: the metric the global-norm clip measures in."""
+        return (self.G @ self.G.T).double().cpu().numpy()
+
     def update(self, S: list[int], w: np.ndarray) -> torch.Tensor:
         """`g_hat = sum_S w_i g_i / |S|` over the captured coordinates."""
         coef = torch.as_tensor(np.asarray(w, dtype=np.float64) / max(len(S), 1)).to(self.G)
@@ -76,3 +80,39 @@ def clip_factor(norm: float, max_norm) -> float:
     if max_norm is None or not norm > 0:
         return 1.0
     return float(min(1.0, float(max_norm) / float(norm)))
+
+
+def clipped_step(K, K2, b, m: float, alpha: float, solve, iters: int = 30):
+    """The support and weights `x` of the clipped update `sum_S x_i g_i` that maximise the predicted
+    target-loss decrease `b.x - alpha/2 x^T K x` at the step length the clip imposes,
+    `|sum x_i g_i|_2 = m` (METHOD section 9, fwsel docs/method.md "FTW v2").
+
+    The Lagrangian makes it the matching problem on the blended Gram `alpha K + mu K2`, with the
+    multiplier `mu >= 0` found by bisection on the step length (decreasing in `mu`); `mu = 0` when
+    the unclipped optimum is already shorter than `m`. `solve(A) -> (S, x)` solves
+    `min x^T A x - 2 b.x` over `x >= 0` (the filter and weights). Returns (S, x, mu).
+    """
+    def length(S, x):
+        return float(np.sqrt(max(x @ K2[np.ix_(S, S)] @ x, 0.0))) if S else 0.0
+
+    S, x = solve(alpha * K)
+    if not S or m is None or length(S, x) <= m:
+        return S, x, 0.0
+    scale = alpha * max(np.trace(K), 1e-300) / max(np.trace(K2), 1e-300)
+    lo, hi = 0.0, scale
+    for _ in range(60):  # grow hi until the step is short enough
+        S_hi, x_hi = solve(alpha * K + hi * K2)
+        if length(S_hi, x_hi) <= m:
+            break
+        lo, hi = hi, hi * 4
+    best = (S_hi, x_hi, hi)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi) if lo == 0 else float(np.sqrt(lo * hi))
+        S_m, x_m = solve(alpha * K + mid * K2)
+        if length(S_m, x_m) <= m:
+            hi, best = mid, (S_m, x_m, mid)
+        else:
+            lo = mid
+        if hi - lo <= 1e-3 * hi:
+            break
+    return best

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fwsel.selectors.adam_step import AdamRegram, clip_factor
+from fwsel.selectors.adam_step import AdamRegram, clip_factor, clipped_step
 from fwsel.selectors.base import (EngineNeeds, Needs, Pool, Product, Selection, Selector, as_np, candidates, choice,
                                   topk, uniform)
 from fwsel.selectors.omp import nnls_gram, omp, prune_small, ridge_lambda, ridged
@@ -76,6 +76,7 @@ class FTW(Selector):
         redundancy: float | None = None,
         clip_q: str = "none",
         self_q: int = 0,
+        objective: str = "match",
         empty_support: str = "topk",
         warmup_steps: int = 0,
         log_overlap_less: bool = False,
@@ -92,9 +93,12 @@ class FTW(Selector):
         self.ridge_mode = choice("ridge_mode", ridge_mode, ("pool", "self"))
         self.clip_q = choice("clip_q", clip_q, ("none", "prev", "fixed_point"))
         self.self_q = int(choice("self_q", self_q, (0, 1, 2)))
-        if (self.clip_q != "none" or self.self_q) and (geometry != "adam" or metric != "D" or adam_q != "pool"
+        self.objective = choice("objective", objective, ("match", "step"))
+        if self.objective == "step" and filter != "omp":
+            raise ValueError("selector.objective=step solves the matching problem with filter=omp")
+        if (self.clip_q != "none" or self.self_q or self.objective == "step") and (geometry != "adam" or metric != "D" or adam_q != "pool"
                                                       or momentum_correction):
-            raise ValueError("selector.clip_q / self_q re-form the adam metric D with adam_q=pool "
+            raise ValueError("selector.clip_q / self_q / objective=step re-form the adam metric D with adam_q=pool "
                              "(geometry=adam, metric=D, no momentum_correction)")
         self.empty_support = choice("empty_support", empty_support, ("topk", "skip"))
         self.momentum_correction = bool(momentum_correction)
@@ -198,11 +202,28 @@ class FTW(Selector):
         k = pool.k
         rg = AdamRegram(getattr(pool, "engine", None), pool.optimizer, k)
         max_norm = getattr(pool, "max_norm", None)
+        K2 = rg.l2_gram() if self.objective == "step" else None
+        if K2 is not None and max_norm is None:
+            raise ValueError("selector.objective=step models the clipped step: it needs optim.max_grad_norm")
+
+        def solve(K, b, y2):
+            if K2 is None:
+                return self.filter_and_weight(K, b, y2, k, valid)
+            info = {}
+
+            def fit(A):
+                S, x, d = self.filter_and_weight(A, b, y2 * self.alpha, k, valid)
+                info.update(d)
+                return S, x
+            S, x, mu = clipped_step(K, K2, b, max_norm, self.alpha, fit)
+            info["step_mu"] = mu
+            return S, x, info
+
         c = 1.0
         if self.clip_q == "prev":
             c = float(getattr(pool, "clip_prev", 1.0))
             problem = rg.products(c * c * rg.q_pool)
-        S, u, diag = self.filter_and_weight(*problem, k, valid)
+        S, u, diag = solve(*problem)
         passes = ["clip"] * (self.clip_q == "fixed_point") + ["self"] * self.self_q
         for kind in passes:
             if not S:
@@ -211,7 +232,7 @@ class FTW(Selector):
             if self.clip_q != "none":
                 c = clip_factor(float(torch.linalg.vector_norm(g_hat)), max_norm)
             problem = rg.products(c * c * (rg.q_pool if kind == "clip" else g_hat * g_hat))
-            S, u, diag = self.filter_and_weight(*problem, k, valid)
+            S, u, diag = solve(*problem)
         diag["clip_model"] = c
         return S, u, diag, problem
 
@@ -235,7 +256,7 @@ class FTW(Selector):
         K, b, y2 = self.problem(pool)
         valid = candidates(s)
         align = np.divide(b, np.sqrt(np.diag(K)), out=np.full_like(b, -np.inf), where=valid)
-        if self.clip_q == "none" and not self.self_q:
+        if self.clip_q == "none" and not self.self_q and self.objective == "match":
             S, u, diag = self.filter_and_weight(K, b, y2, k, valid)
         else:
             S, u, diag, (K, b, y2) = self.step_consistent(pool, (K, b, y2), valid)
