@@ -244,6 +244,7 @@ class Trainer:
             if up.fid:  # ... and measured target-loss change (one extra no-grad forward)
                 up.fid["fid_meas"] = fidelity.measured_change(self.model, sc.target, sc.scores.target_losses,
                                                               int(self.cfg.engine.loss_chunk_tokens))
+                self.selector.observe(up.fid)
         elif not len(sel.indices) and bool(sc.finite.any()):  # e.g. ftw empty_support=skip: no row helps
             self._skip(t, up, f"{self.selector.name} chose no row (empty support)", counts_as_bad=False)
         else:

@@ -202,3 +202,29 @@ def test_clipped_step_meets_the_clip_length_and_beats_the_rescaled_matching_choi
     assert utility(S, x) >= utility(S0, x0 * m / full) - 1e-12  # the matching choice, clipped to length m
     S1, x1, mu1 = clipped_step(K, K2, b, 10 * full, 1.0, solve)  # no clip: the plain matching optimum
     assert mu1 == 0 and S1 == S0 and np.allclose(x1, x0)
+
+
+def test_alpha_fit_recovers_the_curvature_scale_from_observed_changes():
+    sel = FTW(name="f", alpha_fit=True, filter="greedy", log_overlap_less=False)
+    sel.fidelity = True
+    assert sel.current_alpha() == 1.0  # no fit yet: alpha
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lin, q = -rng.uniform(1, 2), rng.uniform(0.1, 1)
+        sel._pending = (lin, q)
+        sel.observe({"fid_meas": lin + 0.3 * q})
+    assert sel.current_alpha() == pytest.approx(0.3)
+    sel.observe({"fid_meas": 5.0})  # nothing pending (no prediction this step): ignored
+    assert sel.current_alpha() == pytest.approx(0.3)
+    sel.fidelity = False
+    with pytest.raises(ValueError, match="diagnostics.fidelity"):
+        sel.current_alpha()
+
+
+def test_alpha_fit_runs_in_the_loop(tmp_path):
+    from helpers_runs import FAST, train
+
+    run = train(tmp_path, *FAST, "selector.filter=greedy", "selector.alpha_fit=true", "diagnostics.fidelity=true",
+                "steps=4", "eval_every=4")
+    fits = [r["sel_alpha_fit"] for r in run["metrics"][1:]]
+    assert fits[0] == 1.0 and all(np.isfinite(fits)) and fits[-1] != 1.0  # fitted from step 2 on

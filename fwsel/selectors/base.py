@@ -86,6 +86,9 @@ class Selector:
         (see fwsel.fidelity); empty when the selector has no such model."""
         return {}
 
+    def observe(self, fid: dict[str, float]) -> None:
+        """The step's `fid_*` metrics once `fid_meas` is known (a selector may fit its model to them)."""
+
 
 def uniform(indices) -> Selection:
     idx = [int(i) for i in indices]

@@ -77,6 +77,7 @@ class FTW(Selector):
         clip_q: str = "none",
         self_q: int = 0,
         objective: str = "match",
+        alpha_fit: bool = False,
         empty_support: str = "topk",
         warmup_steps: int = 0,
         log_overlap_less: bool = False,
@@ -127,6 +128,9 @@ class FTW(Selector):
         self.alpha, self.w_max, self.ridge, self.omp_tol = float(alpha), float(w_max), float(ridge), float(omp_tol)
         self.min_gain, self.w_min, self.temper = float(min_gain), float(w_min), float(temper)
         self.redundancy = None if redundancy is None else float(redundancy)
+        self.alpha_fit = bool(alpha_fit)
+        self._fit = np.zeros(2)  # running sums of (measured - first order) * Q and Q^2 (alpha_fit)
+        self._pending: tuple[float, float] | None = None  # this step's (first order, Q)
         self.warmup_steps = int(warmup_steps)
         m = "sgd" if geometry == "sgd" else ("adam" if metric == "D" else "adam2")
         aux = ("adam2",) if log_overlap_less and m != "adam2" else ()  # a diagnostic: one more metric per step
@@ -154,7 +158,26 @@ class FTW(Selector):
         b1, lam, t = adam_constants(pool.optimizer)
         c, beta = (1 - b1) / (1 - b1 ** (t + 1)), b1 / (1 - b1 ** (t + 1))
         args = (pool.scores, indices, u, pool.lr * c, [beta / c, lam / c])
-        return {"fid_pred": adam_quadratic(*args, curvature=self.alpha), "fid_pred_linear": adam_quadratic(*args, curvature=0.0)}
+        pred, lin = adam_quadratic(*args, curvature=self.alpha), adam_quadratic(*args, curvature=0.0)
+        self._pending = (lin, (pred - lin) / self.alpha)  # prediction = first order + alpha * Q
+        return {"fid_pred": pred, "fid_pred_linear": lin}
+
+    def observe(self, fid) -> None:
+        """`alpha_fit`: a running least-squares fit of measured = first order + alpha Q (half-life
+        ~35 steps), the curvature scale the run actually has."""
+        meas, pending, self._pending = fid.get("fid_meas"), self._pending, None
+        if self.alpha_fit and meas is not None and pending is not None and np.isfinite(meas):
+            lin, q = pending
+            self._fit = 0.98 * self._fit + np.array([(meas - lin) * q, q * q])
+
+    def current_alpha(self) -> float:
+        """`alpha`, or with `alpha_fit` the fitted curvature scale (clamped to [0.01, 100]; `alpha`
+        until a fit exists)."""
+        if not self.alpha_fit:
+            return self.alpha
+        if not self.fidelity:
+            raise ValueError("selector.alpha_fit fits alpha to measured changes: it needs diagnostics.fidelity=true")
+        return float(np.clip(self._fit[0] / self._fit[1], 1e-2, 1e2)) if self._fit[1] > 0 else self.alpha
 
     def problem(self, pool: Pool) -> tuple[np.ndarray, np.ndarray, float]:
         """`(K, b, y2)`; with `momentum_correction` the target is
@@ -164,7 +187,7 @@ class FTW(Selector):
         if not self.momentum_correction:
             return K, B[:, 0], float(s.y2)
         b1, lam, t = adam_constants(pool.optimizer)
-        coef = np.array([1.0 / self.alpha, -b1 / (1 - b1), -lam * (1 - b1 ** (t + 1)) / (1 - b1)])
+        coef = np.array([1.0 / self.current_alpha(), -b1 / (1 - b1), -lam * (1 - b1 ** (t + 1)) / (1 - b1)])
         return K, B @ coef, float(coef @ as_np(s.dir_gram) @ coef)
 
     def filter_and_weight(self, K, b, y2, k, valid) -> tuple[list[int], np.ndarray, dict]:
@@ -212,10 +235,10 @@ class FTW(Selector):
             info = {}
 
             def fit(A):
-                S, x, d = self.filter_and_weight(A, b, y2 * self.alpha, k, valid)
+                S, x, d = self.filter_and_weight(A, b, y2 * self.current_alpha(), k, valid)
                 info.update(d)
                 return S, x
-            S, x, mu = clipped_step(K, K2, b, max_norm, self.alpha, fit)
+            S, x, mu = clipped_step(K, K2, b, max_norm, self.current_alpha(), fit)
             info["step_mu"] = mu
             return S, x, info
 
@@ -241,7 +264,7 @@ class FTW(Selector):
         that on the top-k-by-b set T the predicted penalty `scale/2 1^T K_TT 1` is `r sum_T b_i`
         (scale-free: the same ratio of redundancy to alignment at any gradient scale or LR)."""
         if self.redundancy is None:
-            return self.alpha / k
+            return self.current_alpha() / k
         T = topk(b, k, valid=valid)
         quad = float(K[np.ix_(T, T)].sum()) if T else 0.0
         lin = float(np.clip(b[T], 0, None).sum()) if T else 0.0
@@ -284,6 +307,8 @@ class FTW(Selector):
             overlap_topk=overlap(S, topk(b, k, valid=valid)),
             warmup=0.0,
         )
+        if self.alpha_fit:
+            diag["alpha_fit"] = self.current_alpha()
         if s.poor_frac is not None:
             diag["poor_frac"] = float(s.poor_frac)
         less = self.less_ranking(s)
