@@ -163,7 +163,6 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.params, self.steps)
         self.engine = None  # built on the first step that needs gradients
         self.step = 0
-        self.clip_prev = 1.0  # the last step's clipping factor, for selectors that model the coming step
         self.totals = collections.Counter()
         rank = [self.comm.rank] if self.comm.rank else []  # each rank's rows get their own dropout masks
         torch.manual_seed(int_seed(self.seed, "dropout", *rank))  # the only consumer of the global RNG
@@ -201,7 +200,7 @@ class Trainer:
         sc = self.score(t, rows, need)  # gradients and geometry (the engine), or losses
         pool = Pool(rows, self.k, t, lr, torch_gen(self.seed, "selector", t), scores=sc.scores, losses=sc.losses,
                     optimizer=self.optimizer, engine=self.engine if sc.scores is not None else None,
-                    clip_prev=self.clip_prev, max_norm=self.cfg.optim.max_grad_norm)
+                    clip_prev=self.totals.get("clip_prev", 1.0), max_norm=self.cfg.optim.max_grad_norm)
         sel = self.comm.broadcast_object(self.selector.select(pool))  # rank 0's, should rounding differ
         t_sel = time.perf_counter() - t0
         up = self.update(t, need, pool, sc, sel)
@@ -235,7 +234,7 @@ class Trainer:
                     nonfinite=int((~sc.finite).sum()) + len(picked) - len(idx))
         if idx and math.isfinite(up.norm):
             clip = clip_update(self.params, up.norm, self.cfg.optim.max_grad_norm)
-            self.clip_prev = clip  # ftw clip_q=prev reads it next step
+            self.totals["clip_prev"] = clip  # ftw clip_q=prev reads it next step (checkpointed with the totals)
             if self.selector.fidelity and sc.scores is not None:  # diagnostics.fidelity: predicted ...
                 up.fid = self.selector.predict_change(pool, idx, w, clip)
             self.optimizer.step()

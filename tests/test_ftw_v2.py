@@ -228,3 +228,19 @@ def test_alpha_fit_runs_in_the_loop(tmp_path):
                 "steps=4", "eval_every=4")
     fits = [r["sel_alpha_fit"] for r in run["metrics"][1:]]
     assert fits[0] == 1.0 and all(np.isfinite(fits)) and fits[-1] != 1.0  # fitted from step 2 on
+
+
+@pytest.mark.slow
+def test_clip_prev_resumes_exactly(tmp_path):
+    """The previous clip factor lives in the loop totals, which checkpoints carry."""
+    from helpers_runs import FAST, metric_rows, run_cli, signal_after
+
+    args = [*FAST, "selector.clip_q=prev", "steps=5", "eval_every=5", "checkpoint_every=2", "optim.max_grad_norm=0.1"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run_cli(["train", *args, f"hydra.run.dir={full}"])[0] == 0
+    with pytest.MonkeyPatch.context() as mp:
+        signal_after(mp, 3)
+        run_cli(["train", *args, f"hydra.run.dir={cut}"])
+    assert run_cli(["train", f"resume={cut}", "progress=false"])[0] == 0
+    assert metric_rows(cut) == metric_rows(full)
+    assert all(r["sel_clip_model"] < 1 for r in metric_rows(full)[2:])  # the clip bound and was read back
