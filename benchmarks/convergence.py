@@ -8,7 +8,7 @@ metrics.jsonl and their config), re-rendered by `fwsel compare benchmarks/result
 Jobs run through `fwsel train -m` with the joblib launcher, one process per core, one torch
 thread each. The report goes to `benchmarks/results/REPORT.md`.
 
-Parts: `dev` (ftw's METHOD section 7 choices and GREATS's interaction scale on seeds
+Parts: `dev` (ftw's choices in docs/method.md#options-and-defaults and GREATS's interaction scale on seeds
 100-102), `main` (ftw, greats at its best dev scale, tracin, random, full, source_oracle x
 budgets 0.1, 0.25 x seeds 0-4), `ablations` (ftw_sgd, ftw_uniform, ftw_topk, gradnorm,
 maxloss, less at 0.25 x seeds 0-2), `sort` (the main arms on a second mixture, JSONL, seeds
@@ -158,7 +158,7 @@ def fidelity_lines(d: Path) -> list[str]:
     return out
 
 
-DECISIONS = """## Defaults chosen on the dev seeds (METHOD section 7)
+DECISIONS = """## Defaults chosen on the dev seeds (docs/method.md#options-and-defaults)
 
 No ftw variant beat the default by more than the seed noise (per-seed differences of
 +-0.1 on a mean difference of at most 0.02; table in `dev`), so the starting defaults stay:

@@ -1,4 +1,4 @@
-"""CPU benchmark of the gradient engine (issues 3 and 10). Not a test: prints a markdown table.
+"""CPU benchmark of the gradient engine. Not a test: prints a markdown table.
 
     python benchmarks/engine.py            # every size but llama full FT (about 10 min on 2 cores)
     python benchmarks/engine.py --all      # ... and llama full FT (~3 min more)

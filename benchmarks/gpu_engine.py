@@ -1,7 +1,7 @@
 """GPU benchmark of the gradient engine on a Llama-3.2-1B-shaped model; prints ONE JSON line.
 
     python benchmarks/gpu_engine.py                       # bf16, LoRA r=16, N=24, v=8, T=1024 (< 5 min)
-    python benchmarks/gpu_engine.py --seq 4096 --grad-ckpt  # issue 10: long rows, as many as fit
+    python benchmarks/gpu_engine.py --seq 4096 --grad-ckpt  # long rows, as many as fit
     python benchmarks/gpu_engine.py --tiny                # CPU smoke check of this script (seconds)
 
 Imports only torch, transformers, peft and fwsel.grads (through the sibling arms.py). Random init

@@ -2,7 +2,7 @@
 
 A checkpoint is `<run dir>/checkpoints/step-XXXXXXXX/` holding
   weights.pt     trainable parameters only (the adapters under LoRA)
-  state.pt       optimizer, scheduler, every RNG state, stream position, loop totals (selectors keep no state across steps)
+  state.pt       optimizer, scheduler, every RNG state, stream position, loop totals (selectors are stateless)
   manifest.json  written last: the step and each file's size and sha256 (the completeness marker)
 It is written as `step-XXXXXXXX.tmp/` and renamed, so a reader never sees half of one; a file
 damaged later (truncated copy, disk trouble) fails its checksum and the previous one is used.

@@ -1,9 +1,15 @@
-"""Checks that run before training starts: one line naming the key and what is allowed."""
+"""Checks that run before training starts: one line naming the key and what is allowed.
+
+The one validation layer: the selector's own checks (its constructor) surface here as the same
+one-line ConfigError, before any model or data is built.
+"""
 
 from __future__ import annotations
 
 from fwsel.errors import ConfigError
 from fwsel.schedule import SCHEDULES
+
+MODEL_DTYPES = {"tiny": ("fp32", "fp64"), "hf": ("auto", "bf16", "fp16", "fp32", "fp64")}  # model.kind -> dtypes
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -22,17 +28,19 @@ def validate(cfg) -> None:
            f"checkpoint_every must be null or an integer >= 1, got {cfg.checkpoint_every!r}")
     _check(cfg.target.batch_size >= 1, f"target.batch_size must be >= 1, got {cfg.target.batch_size!r}")
     validate_engine(cfg.engine)
+    build_selector(cfg.selector)
     _check(cfg.optim.schedule in SCHEDULES,
            f"optim.schedule must be one of {'|'.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
     _check(cfg.optim.max_grad_norm is None or float(cfg.optim.max_grad_norm) > 0,
            f"optim.max_grad_norm must be null or > 0, got {cfg.optim.max_grad_norm!r}")
-    allowed = {"tiny": ("fp32", "fp64"), "hf": ("auto", "bf16", "fp16", "fp32", "fp64")}
+    allowed = MODEL_DTYPES
     _check(cfg.model.kind in allowed, f"model.kind must be one of tiny|hf, got {cfg.model.kind!r}")
     _check(cfg.model.dtype in allowed[cfg.model.kind],
            f"model.dtype must be one of {'|'.join(allowed[cfg.model.kind])}, got {cfg.model.dtype!r}")
     _check(cfg.model.kind != "hf" or bool(cfg.model.get("name_or_path")),
            "model.name_or_path is required for model.kind=hf: a hub name or a local dir")
-    _check(cfg.data.kind in ("synthetic", "jsonl", "hf"), f"data.kind must be one of synthetic|jsonl|hf, got {cfg.data.kind!r}")
+    _check(cfg.data.kind in ("synthetic", "jsonl", "hf"),
+           f"data.kind must be one of synthetic|jsonl|hf, got {cfg.data.kind!r}")
     _check(cfg.data.get("on_error", "raise") in ("raise", "skip"),
            f"data.on_error must be raise|skip, got {cfg.data.get('on_error')!r}")
     _check(cfg.target.get("from_stream") is None or int(cfg.target.from_stream) >= 2,
@@ -61,7 +69,25 @@ def validate_engine(eng) -> None:
     _check(_int_or_null(eng.projection_dim),
            f"engine.projection_dim must be null or an integer >= 1, got {eng.projection_dim!r}")
     _check(eng.projection in KINDS, f"engine.projection must be one of {'|'.join(KINDS)}, got {eng.projection!r}")
+    _check(eng.projection_dim is None or eng.grad_path != "ghost",
+           "engine.grad_path=ghost does not combine with engine.projection_dim (a sketch needs materialised rows)")
     _check(_int_or_null(eng.micro_batch_size),
            f"engine.micro_batch_size must be null or an integer >= 1, got {eng.micro_batch_size!r}")
     _check(_int_or_null(eng.loss_chunk_tokens) and eng.loss_chunk_tokens is not None,
            f"engine.loss_chunk_tokens must be an integer >= 1, got {eng.loss_chunk_tokens!r}")
+
+
+def build_selector(scfg):
+    """The selector of the `selector:` group; a value its constructor refuses is a ConfigError."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(scfg, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ValueError):
+            raise ConfigError(str(cause)) from None
+        if isinstance(cause, TypeError):  # e.g. a missing required key
+            raise ConfigError(f"selector ({scfg.get('_target_')}): {cause}") from None
+        raise

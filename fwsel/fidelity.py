@@ -7,7 +7,7 @@ with dropout > 0 the two differ by the dropout noise too). `summarise` gives Spe
 Pearson over the steps after warm-up, raw and with the LR divided out (a decaying schedule
 alone makes prediction and measurement shrink together).
 
-The predictions (METHOD section 4), with `u = clip * w / |S|` the applied weights:
+The predictions (docs/method.md#diagnostics), with `u = clip * w / |S|` the applied weights:
 - ftw (adam): the linearised AdamW step `dtheta = -eta c D z`, `z = g_hat + (beta/c) m +
   (lam/c) D^-1 theta` (momentum and decay drift included), under Adam's own curvature model
   `H = h D^-1` with `alpha = h eta c` (`selector.alpha`, 1: the step on g_T is the Newton

@@ -1,4 +1,6 @@
-"""The online loop. One step: pool, gradients, geometry, select, update, log.
+"""The online loop. One step (`Trainer.train_step`), phase by phase: `pool_rows` (the pool),
+`score` (gradients and geometry: the engine's products, or losses), the selector's `select`,
+`update` (form the weighted update, clip, step; or `_skip`), `log_row` (totals and metrics).
 
 Every random stream is a pure function of (seed, name, step) (see fwsel.rng), so arms see
 identical pools and target batches and evaluation touches no training RNG; what a resume
@@ -13,22 +15,21 @@ so every rank takes the same decisions and rank 0 logs what one process would.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 
+from fwsel import distributed, fidelity, grads
+from fwsel.config import build_selector
 from fwsel.data import build_data
 from fwsel.data.collate import Collator
-from fwsel.errors import FwselError
+from fwsel.errors import ConfigError, FwselError
 from fwsel.evaluate import evaluate
-from fwsel import distributed, fidelity, grads
 from fwsel.grads.dist import build_engine
 from fwsel.grads.loss import sequence_losses
 from fwsel.modeling import build_model
@@ -153,7 +154,7 @@ class Trainer:
         if self.N < self.comm.world:
             raise FwselError(f"the pool (N={self.N}) is smaller than the number of ranks ({self.comm.world})")
         self.data = build_data(cfg)
-        self.selector = instantiate(cfg.selector, _convert_="all")
+        self.selector = build_selector(cfg.selector)
         self.selector.fidelity = bool(cfg.get("diagnostics", {}).get("fidelity", False))
         self.model, self.tokenizer = build_model(cfg, self.device)
         self.comm.broadcast_module(self.model)  # every rank starts from rank 0's weights, as DDP would
@@ -186,9 +187,12 @@ class Trainer:
         if self.engine is None:
             needs = self.selector.engine_needs
             if self.selector.fidelity:
-                needs = dataclasses.replace(needs, products=Product.all())
-            self.engine = build_engine(self.cfg.engine, needs, self.model, self.optimizer, comm=self.comm,
-                                       projection_seed=int_seed(self.seed, "projection"))
+                needs = replace(needs, products=Product.all())
+            try:
+                self.engine = build_engine(self.cfg.engine, needs, self.model, self.optimizer, comm=self.comm,
+                                           projection_seed=int_seed(self.seed, "projection"))
+            except ValueError as e:  # the model or engine settings do not fit (e.g. a LoRA variant, ghost x ranks)
+                raise ConfigError(f"engine: {e}") from None
         return self.engine
 
     # ---- one step: pool, gradients (score), geometry, select, update, log ----
@@ -322,7 +326,8 @@ class Trainer:
         part = self.comm.shard(n)
         out = None
         if part.stop > part.start:
-            out = sequence_losses(self.model, {k: v[part] for k, v in batch.items()}, int(self.cfg.engine.loss_chunk_tokens))
+            out = sequence_losses(self.model, {k: v[part] for k, v in batch.items()},
+                                  int(self.cfg.engine.loss_chunk_tokens))
         mine = out.losses.detach().double().cpu() if out is not None else torch.zeros(0, dtype=torch.float64)
         return out, self.comm.gather_rows(mine, n)
 

@@ -10,7 +10,6 @@ import logging
 
 import torch
 
-from fwsel.errors import ConfigError
 from fwsel.rng import int_seed
 
 log = logging.getLogger(__name__)
@@ -24,9 +23,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device, allowed) -> torch.dtype:
-    if name not in allowed:
-        raise ConfigError(f"model.dtype must be one of {'|'.join(allowed)}, got {name!r}")
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`model.dtype` (fwsel.config.validate checks it is allowed for the model kind)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
@@ -59,21 +57,19 @@ def add_lora(model, lcfg):
 
 
 def build_model(cfg, device: torch.device):
-    """Returns (model, tokenizer), model on `device` in train mode."""
+    """Returns (model, tokenizer), model on `device` in train mode (`cfg` passed fwsel.config.validate)."""
     m = cfg.model
     if m.kind == "tiny":
         from fwsel.data.tokenizer import char_tokenizer
 
-        dtype = resolve_dtype(m.dtype, device, ("fp32", "fp64"))
+        dtype = resolve_dtype(m.dtype, device)
         tokenizer = char_tokenizer()
         model = build_tiny(m, tokenizer, int(cfg.seed))
-    elif m.kind == "hf":
+    else:  # hf
         from fwsel.hub import load_pretrained
 
-        dtype = resolve_dtype(m.dtype, device, ("auto", "bf16", "fp16", "fp32", "fp64"))
+        dtype = resolve_dtype(m.dtype, device)
         model, tokenizer = load_pretrained(m, dtype)
-    else:
-        raise ConfigError(f"model.kind must be one of tiny|hf, got {m.kind!r}")
     model = model.to(device=device, dtype=dtype)
     if m.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -95,7 +95,7 @@ def oracle_grads(model, batch, params):
 
 
 def oracle_metric(optimizer, params, G, metric, adam_q="pool", k=None):
-    """Diagonal of M (float64, [P]) straight from METHOD section 4 and optimizer.state."""
+    """Diagonal of M (float64, [P]) straight from docs/method.md#adamw-geometry and optimizer.state."""
     if metric == "sgd":
         return torch.ones(G.shape[1], dtype=torch.float64)
     N, k = G.shape[0], k or G.shape[0]

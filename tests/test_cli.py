@@ -60,6 +60,11 @@ BAD = [
     (["steps=0"], "steps must be an integer >= 1"),
     (["optim.schedule=bogus"], "optim.schedule must be one of linear|cosine|constant"),
     (["model.dtype=bogus"], "model.dtype must be one of fp32|fp64"),
+    (["selector.filter=bogus"], "selector.filter must be one of omp|greedy|topk, got 'bogus'"),
+    (["selector=greats", "selector.interaction_scale=-1"], "selector.interaction_scale must be >= 0"),
+    (["engine.grad_path=fast"], "engine.grad_path must be one of auto|materialize|ghost, got 'fast'"),
+    (["engine.micro_batch_size=0"], "engine.micro_batch_size must be null or an integer >= 1"),
+    (["engine.grad_path=ghost", "engine.projection_dim=64"], "engine.grad_path=ghost does not combine"),
     (["data=jsonl", "data.files=/nonexistent/*.jsonl", "data.target_files=/nonexistent.jsonl"],
      "data.files: no file matches"),
 ]

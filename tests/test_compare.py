@@ -28,7 +28,7 @@ LOSSES = {
 
 
 def write_job(path, selector, budget, seed, losses=None, status="ok", eval_every=EVAL_EVERY, error=None):
-    """One run dir following the output contract (issue 2)."""
+    """One run dir following the output contract."""
     (path / ".hydra").mkdir(parents=True)
     (path / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(
         {"selector": {"name": selector}, "budget": budget, "seed": seed, "steps": STEPS, "eval_every": eval_every})))

@@ -10,16 +10,17 @@ import socket
 
 import pytest
 import torch
-from helpers_models import random_batch, tiny_model
 
 from fwsel import distributed
 from fwsel.distributed import Comm, rank_args, run_dir_args
 from fwsel.errors import FwselError
 from fwsel.grads import GradEngine
 from fwsel.grads.dist import ShardedEngine, build_engine
-from fwsel.grads.needs import EngineNeeds
 from fwsel.grads.metric import pool_q
+from fwsel.grads.needs import EngineNeeds
 from fwsel.grads.project import CountSketch, Projector, summed_pool_q
+
+from helpers_models import random_batch, tiny_model
 
 MARK = 63  # a token id only the poisoned row holds: its embedding output becomes NaN
 

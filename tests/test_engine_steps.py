@@ -1,4 +1,5 @@
-"""One training step of the real Trainer runs exactly one forward and one backward (METHOD section 3)."""
+"""One training step of the real Trainer runs exactly one forward and one backward
+(docs/method.md#per-sample-gradient-products)."""
 
 import pytest
 import torch
@@ -50,7 +51,8 @@ class Counter:
 @pytest.mark.parametrize("lora,selector,path", [(True, "ftw", "auto"), (False, "ftw", "auto"),
                                                 (False, "tracin", "ghost")])
 def test_one_forward_and_one_backward_per_gradient_step(tmp_path, monkeypatch, lora, selector, path):
-    trainer = make_trainer(tmp_path, f"lora.enabled={str(lora).lower()}", f"selector={selector}", f"engine.grad_path={path}")
+    trainer = make_trainer(tmp_path, f"lora.enabled={str(lora).lower()}", f"selector={selector}",
+                           f"engine.grad_path={path}")
     count = Counter(trainer, monkeypatch)
     before = [p.detach().clone() for p in trainer.params]
     trainer.train_step(0)

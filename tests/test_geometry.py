@@ -1,4 +1,4 @@
-"""The linearised AdamW step (METHOD section 4) against torch's own AdamW update."""
+"""The linearised AdamW step (docs/method.md#adamw-geometry) against torch's own AdamW update."""
 
 import pytest
 import torch

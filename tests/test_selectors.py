@@ -62,7 +62,7 @@ def random_scores(rng, N=24, p=10, ties=False):
     return scores(Phi, rng.normal(size=p))
 
 
-# --- the hand-built duplicates example (issue 4) -------------------------------------------
+# --- the hand-built duplicates example ------------------------------------------------------
 DUP_PHI = [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
 DUP_Y = np.array([1.0, 0.5])
 
@@ -219,7 +219,7 @@ def test_momentum_correction_matches_explicit_target():
     sel = ftw(momentum_correction=True, alpha=0.5)
     assert sel.extra_dirs(0) == ("momentum", "decay")
     got = sel.select(pool(s, 5, optimizer=opt))
-    z = gT / 0.5 - 9.0 * m - 0.1 * (1 - 0.9**4) / 0.1 * theta / d  # METHOD section 4's target
+    z = gT / 0.5 - 9.0 * m - 0.1 * (1 - 0.9**4) / 0.1 * theta / d  # docs/method.md#update-matching's target
     K, b = (Phi * d) @ Phi.T, (Phi * d) @ z
     ref = omp(K, b, float(z @ (d * z)), 5, ridge_lambda(K, 1e-4), 1e-3)
     assert got.indices == ref.support and len(ref.support) > 0

@@ -69,7 +69,7 @@ def test_gradient_selectors_prefer_the_target_source(tmp_path, sel):
     selectors take `target` rows at >= 1.5x that rate and `irrelevant` rows at <= 0.5x it.
     Not 2x for `target`: in the first 30 steps the `noisy` rows (target format, reversed
     answers) are as aligned with g_T as target rows, and take ~35% of the picks (measured:
-    ftw 0.21, greats 0.19, tracin 0.19 target; see the issue notes).
+    ftw 0.21, greats 0.19, tracin 0.19 target).
     """
     picked, n = _picks(tmp_path, sel)
     p_target = binomtest(picked["target"], n, 1.5 * 0.1, alternative="greater").pvalue

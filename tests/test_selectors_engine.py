@@ -12,6 +12,7 @@ from fwsel.selectors.gradnorm import GradNorm
 from fwsel.selectors.greats import Greats
 from fwsel.selectors.less import Less
 from fwsel.selectors.tracin import TracIn
+
 from helpers_models import random_batch, tiny_model, with_lora
 
 K_SEL = 4
@@ -39,7 +40,8 @@ def run(trained, selector, lr=1e-2):
     model, opt = trained
     eng = build_engine(ENGINE, selector.engine_needs, model, opt)
     try:
-        scores = eng.score(random_batch(16, seed=1), random_batch(4, seed=2), extra_dirs=selector.extra_dirs(2), k=K_SEL)
+        scores = eng.score(random_batch(16, seed=1), random_batch(4, seed=2), extra_dirs=selector.extra_dirs(2),
+                           k=K_SEL)
     finally:
         eng.close()
     rng = torch.Generator().manual_seed(0)

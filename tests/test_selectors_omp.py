@@ -8,7 +8,7 @@ from fwsel.selectors.omp import nnls_gram, omp, ridge_lambda
 
 
 def explicit_omp(Phi, y, k, rho, tol):
-    """METHOD section 5 with residual VECTORS: the ridge as extra rows sqrt(lam) I."""
+    """docs/method.md#filter-then-weight with residual VECTORS: the ridge as extra rows sqrt(lam) I."""
     N = len(Phi)
     norms = np.linalg.norm(Phi, axis=1)
     ok = norms > 0

@@ -1,4 +1,4 @@
-"""Mean-1 normalisation and the order-preserving cap (METHOD section 4)."""
+"""Mean-1 normalisation and the order-preserving cap (docs/method.md#weights)."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ from fwsel.selectors.weights import cap_weights, normalise_and_cap, normalise_me
 
 
 def bisection_cap(w, w_max):
-    """METHOD's literal recipe: bisection on s >= 1 for mean(min(s w, w_max)) = 1."""
+    """The literal recipe: bisection on s >= 1 for mean(min(s w, w_max)) = 1."""
     lo, hi = 1.0, 1.0
     while np.minimum(hi * w, w_max).mean() < 1:
         hi *= 2

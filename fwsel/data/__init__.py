@@ -114,8 +114,7 @@ def build_data(cfg) -> Data:
             raise ConfigError("target.from_stream applies to data=jsonl|hf (the embedded stream has its own target)")
         stream, split = synthetic(cfg)
         return Data(stream, split.select, split.eval)
-    if d.kind not in ("jsonl", "hf"):
-        raise ConfigError(f"data.kind must be one of synthetic|jsonl|hf, got {d.kind!r}")
+    # data.kind is synthetic|jsonl|hf (fwsel.config.validate)
     reader, target, size = _readers(cfg)
     m = t.get("from_stream")
     if m:

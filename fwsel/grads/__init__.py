@@ -1,4 +1,4 @@
-"""fwsel.grads: exact per-sample gradient products for data selection (METHOD sections 2-4).
+"""fwsel.grads: exact per-sample gradient products for data selection (docs/method.md#per-sample-gradient-products).
 
 Imports only torch, numpy, transformers and peft (no hydra, datasets or wandb), so the GPU
 scripts can use it on a bare image.

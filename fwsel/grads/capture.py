@@ -1,4 +1,4 @@
-"""Which parameters the engine captures, and the hooks that capture them (METHOD section 3).
+"""Which parameters the engine captures, and the hooks that capture them (docs/method.md#per-sample-gradient-products).
 
 Every trainable `nn.Linear` is captured (peft's `lora_A` / `lora_B` sub-modules, or every
 Linear in full fine-tuning, an untied `lm_head` included); a Linear whose weight is shared

@@ -1,4 +1,4 @@
-"""GradEngine: per-sample gradient products and the one-pass update (METHOD sections 3-4)."""
+"""GradEngine: per-sample gradient products and the one-pass update (docs/method.md#per-sample-gradient-products)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token-Gram ("ghost") products for wide layers and short rows (METHOD section 3).
+"""Token-Gram ("ghost") products for wide layers and short rows (docs/method.md#per-sample-gradient-products).
 
 For a captured Linear, row i's weight gradient is `G_i = E_i^T X_i` (`X_i`: the row's layer
 inputs, `T_i x d_in`; `E_i`: the gradients at the layer output, `T_i x d_out`). Instead of

@@ -1,6 +1,6 @@
 """Row-wise fallback modules (embeddings, norms) updated without a second pass through the model.
 
-Parameters outside the products (METHOD section 3: embeddings, norms) still need the weighted
+Parameters outside the products (docs/method.md#per-sample-gradient-products: embeddings, norms) still need the weighted
 subset's gradient at update time. For a module whose output row i depends only on input row i
 (an `nn.Embedding`, a LayerNorm, an RMSNorm) that owns its parameters alone (not tied to another
 module), the scoring pass keeps the module's input and output gradient `E`, and the update

@@ -1,4 +1,4 @@
-"""Per-sample sequence losses with a chunked output head (METHOD section 2).
+"""Per-sample sequence losses with a chunked output head (docs/method.md#losses-and-gradients).
 
 The model's built-in `labels=` loss is a token mean over the whole batch and forms the
 full `B x T x V` logits; selection needs one mean-token loss per row and must not hold

@@ -1,4 +1,4 @@
-"""The metric `M` of the products: identity, or AdamW's linearised diagonal (METHOD section 4).
+"""The metric `M` of the products: identity, or AdamW's linearised diagonal (docs/method.md#adamw-geometry).
 
 With the coming step's second moment frozen at `v_bar = (b2 v + (1 - b2) q) / (1 - b2^(t+1))`,
 `D = 1 / (sqrt(v_bar) + eps)`; `q` replaces the coming batch's `g*g`:

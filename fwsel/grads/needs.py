@@ -3,7 +3,9 @@
 A selector declares an `EngineNeeds` once; the loop hands it to `build_engine` together with
 the `engine:` config group (how to compute: path, micro-batches, sketch). `products` names the
 products the selector reads, so an engine may skip the ones nobody uses (TracIn reads `b` and
-the squared norms of its candidate mask, never `K`); an engine may still return more.
+the squared norms of its candidate mask, never `K`); an engine may still return more. Always
+there: `losses`, `target_losses`, `finite` (and `poor_frac` in the adam metrics); with `K` also
+`sq_norms` (its diagonal). A product nobody asked for may be left as zeros of its usual shape.
 """
 
 from __future__ import annotations

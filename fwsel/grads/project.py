@@ -15,7 +15,8 @@ with the same seed on every rank and every step (`engine.projection`):
 
 The metric `M` is applied before sketching (features of `M^(1/2) g`, so `K ~ <g_i, M g_j>`); with
 `adam_q=pool`, `D` comes from the pool's summed gradients and squares (one all-reduce of `2P + 1`
-numbers in the buffer dtype: pool q needs per-coordinate statistics; `state` and `taylor` need none). Every product the selector sees (`K`, `b`, `y2`, the extra directions and the
+numbers in the buffer dtype: pool q needs per-coordinate statistics; `state` and `taylor` need
+none). Every product the selector sees (`K`, `b`, `y2`, the extra directions and the
 aux metrics) comes from the same sketch, so the selection problem stays consistent (`K` positive
 semi-definite). The update itself uses the exact rows.
 """
@@ -84,7 +85,7 @@ class Projector:
             p_out, p_in = split_dims(per, d_out, d_in)
             g = torch.Generator().manual_seed(int_seed(seed, "projection", j))
 
-            def draw(p, d):
+            def draw(p, d, g=g):
                 if p == d:
                     return None  # this side stays exact
                 return (torch.randn(p, d, generator=g, dtype=torch.float64) / math.sqrt(p)).to(device, dtype)

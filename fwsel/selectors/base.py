@@ -65,6 +65,7 @@ class Selector:
 
     def __init__(self, **cfg: Any) -> None:
         self.cfg = cfg
+        self.name = cfg.get("name", self.name)
 
     @property
     def metric(self) -> str:

@@ -1,8 +1,8 @@
-"""`ftw`: Filter-then-Weight in the linearised AdamW geometry (METHOD sections 4-5).
+"""`ftw`: Filter-then-Weight in the linearised AdamW geometry (docs/method.md#update-matching, #filter-then-weight).
 
 Filter by OMP with NNLS refits on the scale-free update-matching problem (from `K`, `b`, `y2`
 alone), weight by the last refit, normalise to mean 1 with the order-preserving cap, fall back
-when the support is empty. Every METHOD section 7 choice is a constructor key (see
+when the support is empty. Every choice of docs/method.md#options-and-defaults is a constructor key (see
 `conf/selector/ftw.yaml`); how gradients are computed (exact or sketched) is the `engine:` group's.
 """
 
@@ -14,8 +14,19 @@ import numpy as np
 import torch
 
 from fwsel.selectors.adam_step import AdamRegram, clip_factor, clipped_step
-from fwsel.selectors.base import (EngineNeeds, Needs, Pool, Product, Selection, Selector, as_np, candidates, choice,
-                                  topk, uniform)
+from fwsel.selectors.base import (
+    EngineNeeds,
+    Needs,
+    Pool,
+    Product,
+    Selection,
+    Selector,
+    as_np,
+    candidates,
+    choice,
+    topk,
+    uniform,
+)
 from fwsel.selectors.omp import nnls_gram, omp, prune_small, ridge_lambda, ridged
 from fwsel.selectors.scoring import greedy_interaction, less_scores
 from fwsel.selectors.weights import normalise_and_cap
@@ -181,7 +192,7 @@ class FTW(Selector):
 
     def problem(self, pool: Pool) -> tuple[np.ndarray, np.ndarray, float]:
         """`(K, b, y2)`; with `momentum_correction` the target is
-        `g_T/alpha - b1/(1-b1) m - lam (1-b1^(t+1))/(1-b1) D^-1 theta` (METHOD section 4)."""
+        `g_T/alpha - b1/(1-b1) m - lam (1-b1^(t+1))/(1-b1) D^-1 theta` (docs/method.md#update-matching)."""
         s = pool.scores
         K, B = as_np(s.K), as_np(s.b).reshape(len(s.K), -1)
         if not self.momentum_correction:

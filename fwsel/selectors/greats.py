@@ -20,7 +20,7 @@ class Greats(ScoreTopK):
 
     def __init__(self, name: str, interaction_scale: float = 1.0, **kw: Any) -> None:
         super().__init__(name=name, interaction_scale=interaction_scale, **kw)
-        if not interaction_scale >= 0:
+        if not (isinstance(interaction_scale, (int, float)) and interaction_scale >= 0):
             raise ValueError(f"selector.interaction_scale must be >= 0, got {interaction_scale!r}")
         self.gamma = float(interaction_scale)
 

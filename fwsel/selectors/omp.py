@@ -1,4 +1,4 @@
-"""Gram-form orthogonal matching pursuit with NNLS refits (METHOD section 5, step 1).
+"""Gram-form orthogonal matching pursuit with NNLS refits (docs/method.md#filter-then-weight, step 1).
 
 Everything works from `K` (N x N), `b` (N) and `y2` alone: the per-sample gradients are
 never needed. The problem, in `u = w / k`:
@@ -107,7 +107,7 @@ class OMPResult:
 
 def omp(K, b, y2: float, k: int, lam, tol: float, valid=None, max_iter=None, min_gain: float = 0.0,
         w_min: float = 0.0) -> OMPResult:
-    """METHOD section 5's OMP: add `argmax r_i / sqrt(K_ii)` among `r_i > 0`, refit by NNLS.
+    """The OMP of docs/method.md#filter-then-weight: add `argmax r_i / sqrt(K_ii)` among `r_i > 0`, refit by NNLS.
 
     Candidates with `K_ii = 0` (or `valid` False) are removed first. An atom whose refit weight
     reaches 0 leaves the support; it may re-enter later, never in the next iteration. Stops when

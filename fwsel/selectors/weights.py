@@ -1,4 +1,4 @@
-"""Selection weights: mean-1 normalisation and METHOD section 4's order-preserving cap.
+"""Selection weights: mean-1 normalisation and the order-preserving cap (docs/method.md#weights).
 
 The loop rescales every selection to mean 1, but FTW must cap AFTER normalising (a cap
 before the rescale would not bound the applied weights), so FTW applies both itself.
@@ -19,7 +19,7 @@ def normalise_mean1(w) -> np.ndarray:
 def cap_weights(w, w_max: float) -> tuple[np.ndarray, bool, bool]:
     """Cap mean-1 weights at `w_max`, keeping mean 1 and the order: `w_i <- min(s w_i, w_max)`.
 
-    METHOD finds `s >= 1` by bisection; `sum_i min(s w_i, w_max)` is piecewise linear in `s`,
+    A bisection would find `s >= 1`; `sum_i min(s w_i, w_max)` is piecewise linear in `s`,
     so this solves for it exactly instead (the same `s`, no tolerance). If the non-zero
     weights are too few to reach mean 1 under the cap, they are all set to `w_max`.
     Returns (weights, cap_bound, all_at_w_max).
