@@ -10,7 +10,8 @@ from fwsel.selectors.adam_step import AdamRegram, clip_factor
 from fwsel.selectors.base import Pool
 from fwsel.selectors.ftw import FTW
 from fwsel.selectors.omp import explained, omp, prune_small, ridge_lambda
-from helpers_models import oracle_grads, oracle_metric, captured_params, random_batch, tiny_model
+
+from helpers_models import captured_params, oracle_grads, oracle_metric, random_batch, tiny_model
 
 
 def copy_pool(scale: float, n_copies: int = 3, seed: int = 0):
@@ -59,7 +60,9 @@ def test_min_gain_stops_early_and_each_accepted_row_gains_enough():
         # every prefix step gained at least min_gain: rerunning with k = |S| - 1 explains >= 0.05 less
         if len(res.support) > 1:
             shorter = omp(K, b, y2, len(res.support) - 1, lam, 1e-3, min_gain=0.05)
-            assert explained(K, b, y2, res.support, res.u) - explained(K, b, y2, shorter.support, shorter.u) >= 0.05 - 1e-9
+            assert (
+                explained(K, b, y2, res.support, res.u) - explained(K, b, y2, shorter.support, shorter.u) >= 0.05 - 1e-9
+            )
 
 
 def test_w_min_in_or_out_leaves_no_small_weight():
@@ -77,8 +80,19 @@ def test_w_min_in_or_out_leaves_no_small_weight():
 
 def scores_from(K, b, y2):
     N = len(b)
-    return type("S", (), dict(K=torch.tensor(K), b=torch.tensor(b)[:, None], y2=y2, sq_norms=torch.tensor(np.diag(K)),
-                              finite=torch.ones(N, dtype=torch.bool), poor_frac=None, aux={}))()
+    return type(
+        "S",
+        (),
+        dict(
+            K=torch.tensor(K),
+            b=torch.tensor(b)[:, None],
+            y2=y2,
+            sq_norms=torch.tensor(np.diag(K)),
+            finite=torch.ones(N, dtype=torch.bool),
+            poor_frac=None,
+            aux={},
+        ),
+    )()
 
 
 def select(sel, K, b, y2, k=8):
@@ -109,13 +123,21 @@ def test_redundancy_sets_a_scale_free_greedy_penalty():
 
 
 def test_new_keys_validate():
-    for kw in (dict(temper=0.0), dict(redundancy=0.3), dict(clip_q="off"), dict(self_q=3),
-               dict(clip_q="prev", geometry="sgd"), dict(ridge_mode="x"), dict(w_min=-1)):
+    for kw in (
+        dict(temper=0.0),
+        dict(redundancy=0.3),
+        dict(clip_q="off"),
+        dict(self_q=3),
+        dict(clip_q="prev", geometry="sgd"),
+        dict(ridge_mode="x"),
+        dict(w_min=-1),
+    ):
         with pytest.raises(ValueError, match="selector"):
             FTW(name="f", **kw)
 
 
 # ---- the re-formed metric against explicit per-sample gradients and METHOD section 4 ----
+
 
 @pytest.fixture(scope="module")
 def stepped():
@@ -151,21 +173,41 @@ def test_regram_matches_the_engine_and_an_explicit_oracle(stepped):
         np.testing.assert_allclose(K2, (G * D) @ G.T, rtol=1e-8, atol=1e-12)
         np.testing.assert_allclose(b2_, (G * D) @ GT.mean(0), rtol=1e-8, atol=1e-12)
         w = np.array([2.0, 0.5, 1.5])
-        np.testing.assert_allclose(rg.update([1, 4, 7], w).numpy(), (torch.tensor(w) @ G[[1, 4, 7]]).numpy() / 3,
-                                   rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(
+            rg.update([1, 4, 7], w).numpy(), (torch.tensor(w) @ G[[1, 4, 7]]).numpy() / 3, rtol=1e-10, atol=1e-14
+        )
     finally:
         eng.close()
 
 
-@pytest.mark.parametrize("kw", [dict(clip_q="prev"), dict(clip_q="fixed_point"), dict(self_q=2), dict(objective="step"),
-                                dict(clip_q="fixed_point", self_q=1)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(clip_q="prev"),
+        dict(clip_q="fixed_point"),
+        dict(self_q=2),
+        dict(objective="step"),
+        dict(clip_q="fixed_point", self_q=1),
+    ],
+)
 def test_step_consistent_choice_runs_on_engine_scores(stepped, kw):
     model, opt = stepped
     eng = GradEngine(model, opt, metric="adam", grad_path="materialize")
     try:
         scores = eng.score(random_batch(12, seed=5), random_batch(3, seed=6), k=4)
-        pool = Pool([{"id": i} for i in range(12)], 4, 2, 1e-2, torch.Generator().manual_seed(0), scores,
-                    scores.losses, opt, engine=eng, clip_prev=0.4, max_norm=1e-3)
+        pool = Pool(
+            [{"id": i} for i in range(12)],
+            4,
+            2,
+            1e-2,
+            torch.Generator().manual_seed(0),
+            scores,
+            scores.losses,
+            opt,
+            engine=eng,
+            clip_prev=0.4,
+            max_norm=1e-3,
+        )
         sel = FTW(name="f", log_overlap_less=False, **kw).select(pool)
     finally:
         eng.close()
@@ -224,8 +266,15 @@ def test_alpha_fit_recovers_the_curvature_scale_from_observed_changes():
 def test_alpha_fit_runs_in_the_loop(tmp_path):
     from helpers_runs import FAST, train
 
-    run = train(tmp_path, *FAST, "selector.filter=greedy", "selector.alpha_fit=true", "diagnostics.fidelity=true",
-                "steps=4", "eval_every=4")
+    run = train(
+        tmp_path,
+        *FAST,
+        "selector.filter=greedy",
+        "selector.alpha_fit=true",
+        "diagnostics.fidelity=true",
+        "steps=4",
+        "eval_every=4",
+    )
     fits = [r["sel_alpha_fit"] for r in run["metrics"][1:]]
     assert fits[0] == 1.0 and all(np.isfinite(fits)) and fits[-1] != 1.0  # fitted from step 2 on
 

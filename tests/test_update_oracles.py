@@ -7,13 +7,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers_models import random_batch, row_loss
-from helpers_runs import train
 from test_grads import relerr, trained
 from test_grads_update import assert_update_matches_autograd
 
 import fwsel.loop
 from fwsel.loop import Trainer
+
+from helpers_models import random_batch, row_loss
+from helpers_runs import train
 
 FP64 = ["model.dtype=fp64", "steps=2", "eval_every=2", "target.eval_size=8", "batch_size=4"]
 W_ODD = [4.0, 0.25, 0.5, 2.0]  # sum 6.75, not |S| = 4 (powers of two: exact in any precision)
@@ -23,8 +24,9 @@ W_ODD = [4.0, 0.25, 0.5, 2.0]  # sum 6.75, not |S| = 4 (powers of two: exact in 
 def test_engine_update_with_weights_not_summing_to_the_set_size(setting, metric):
     """apply_update is (1/|S|) sum w_i g_i for any weights: no hidden renormalisation."""
     model, opt = trained(setting)
-    assert_update_matches_autograd(model, opt, metric, random_batch(6, seed=51), random_batch(3, seed=52),
-                                   [3, 0, 5, 1], W_ODD)
+    assert_update_matches_autograd(
+        model, opt, metric, random_batch(6, seed=51), random_batch(3, seed=52), [3, 0, 5, 1], W_ODD
+    )
 
 
 def per_sample_sum(model, batch, w) -> torch.Tensor:
@@ -33,13 +35,16 @@ def per_sample_sum(model, batch, w) -> torch.Tensor:
     total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
     for i, wi in enumerate(w):
         gs = torch.autograd.grad(row_loss(model, batch, i), params, allow_unused=True)
-        total += wi * torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double()
-                                 for p, g in zip(params, gs)])
+        total += wi * torch.cat(
+            [(torch.zeros_like(p) if g is None else g).reshape(-1).double() for p, g in zip(params, gs)]
+        )
     return total / len(w)
 
 
-@pytest.mark.parametrize("selector", ["random", pytest.param("full", marks=pytest.mark.slow),
-                                      pytest.param("maxloss", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "selector",
+    ["random", pytest.param("full", marks=pytest.mark.slow), pytest.param("maxloss", marks=pytest.mark.slow)],
+)
 def test_weighted_backward_grad_matches_explicit_per_sample_gradients(tmp_path, monkeypatch, selector):
     """Selectors that score nothing train through one weighted backward over the chosen rows;
     with weights that do not sum to |S| its .grad must still be (1/|S|) sum w_i g_i."""
@@ -50,8 +55,13 @@ def test_weighted_backward_grad_matches_explicit_per_sample_gradients(tmp_path, 
         w = np.resize(W_ODD, len(idx)) if idx else w
         ref = per_sample_sum(self.model, self.batch([rows[i] for i in idx]), w)
         out = orig(self, need, rows, scores, idx, w)
-        got = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
-                         for p in self.model.parameters() if p.requires_grad])
+        got = torch.cat(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
+                for p in self.model.parameters()
+                if p.requires_grad
+            ]
+        )
         checked.append(relerr(got, ref))
         return out
 
@@ -60,8 +70,14 @@ def test_weighted_backward_grad_matches_explicit_per_sample_gradients(tmp_path, 
     assert len(checked) == 2 and max(checked) <= 1e-6, checked
 
 
-@pytest.mark.parametrize("selector,max_norm", [("ftw", 0.05), pytest.param("random", 0.05, marks=pytest.mark.slow),
-                                               pytest.param("ftw", 1e6, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "selector,max_norm",
+    [
+        ("ftw", 0.05),
+        pytest.param("random", 0.05, marks=pytest.mark.slow),
+        pytest.param("ftw", 1e6, marks=pytest.mark.slow),
+    ],
+)
 def test_clip_then_step_matches_torch_clip_grad_norm_and_adamw(tmp_path, monkeypatch, selector, max_norm):
     """The loop clips with the norm it already computed; torch's clip_grad_norm_ + AdamW on the
     same gradients, from a copy of the model and optimizer, must land on the same parameters."""

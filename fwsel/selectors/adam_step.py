@@ -34,8 +34,10 @@ class AdamRegram:
         if cap is None or rows is None or finite is None:
             raise ValueError("selector.clip_q / self_q need the engine's per-sample gradients (scored this step)")
         if getattr(engine, "proj", None) is not None or any(b.ghost is not None for b in cap.blocks):
-            raise ValueError("selector.clip_q / self_q need exact materialised gradients "
-                             "(engine.projection_dim null, engine.grad_path materialize or auto)")
+            raise ValueError(
+                "selector.clip_q / self_q need exact materialised gradients "
+                "(engine.projection_dim null, engine.grad_path materialize or auto)"
+            )
         n = len(finite)
         self.G, T = rows[:n], rows[n:]
         nt = max(int((T.abs().sum(1) > 0).sum()), 1)  # non-finite target rows are zero in the buffer
@@ -92,6 +94,7 @@ def clipped_step(K, K2, b, m: float, alpha: float, solve, iters: int = 30):
     the unclipped optimum is already shorter than `m`. `solve(A) -> (S, x)` solves
     `min x^T A x - 2 b.x` over `x >= 0` (the filter and weights). Returns (S, x, mu).
     """
+
     def length(S, x):
         return float(np.sqrt(max(x @ K2[np.ix_(S, S)] @ x, 0.0))) if S else 0.0
 

@@ -108,10 +108,13 @@ class FTW(Selector):
         self.objective = choice("objective", objective, ("match", "step"))
         if self.objective == "step" and filter != "omp":
             raise ValueError("selector.objective=step solves the matching problem with filter=omp")
-        if (self.clip_q != "none" or self.self_q or self.objective == "step") and (geometry != "adam" or metric != "D" or adam_q != "pool"
-                                                      or momentum_correction):
-            raise ValueError("selector.clip_q / self_q / objective=step re-form the adam metric D with adam_q=pool "
-                             "(geometry=adam, metric=D, no momentum_correction)")
+        if (self.clip_q != "none" or self.self_q or self.objective == "step") and (
+            geometry != "adam" or metric != "D" or adam_q != "pool" or momentum_correction
+        ):
+            raise ValueError(
+                "selector.clip_q / self_q / objective=step re-form the adam metric D with adam_q=pool "
+                "(geometry=adam, metric=D, no momentum_correction)"
+            )
         self.empty_support = choice("empty_support", empty_support, ("topk", "skip"))
         self.momentum_correction = bool(momentum_correction)
         for key, val, lo in (
@@ -145,8 +148,9 @@ class FTW(Selector):
         self.warmup_steps = int(warmup_steps)
         m = "sgd" if geometry == "sgd" else ("adam" if metric == "D" else "adam2")
         aux = ("adam2",) if log_overlap_less and m != "adam2" else ()  # a diagnostic: one more metric per step
-        self.engine_needs = EngineNeeds(m, Product.B | Product.K | Product.Y2, aux_metrics=aux,
-                                        adam_q=self.adam_q if m != "sgd" or aux else "pool")
+        self.engine_needs = EngineNeeds(
+            m, Product.B | Product.K | Product.Y2, aux_metrics=aux, adam_q=self.adam_q if m != "sgd" or aux else "pool"
+        )
         self.log_overlap_less = bool(log_overlap_less)
 
     def needs(self, step: int) -> Needs:
@@ -249,6 +253,7 @@ class FTW(Selector):
                 S, x, d = self.filter_and_weight(A, b, y2 * self.current_alpha(), k, valid)
                 info.update(d)
                 return S, x
+
             S, x, mu = clipped_step(K, K2, b, max_norm, self.current_alpha(), fit)
             info["step_mu"] = mu
             return S, x, info

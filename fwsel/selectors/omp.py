@@ -105,8 +105,9 @@ class OMPResult:
     stop: str  # "tol" (stopping rule / nothing with r_i > 0) | "gain" | "w_min" | "k" (support full) | "max_iter"
 
 
-def omp(K, b, y2: float, k: int, lam, tol: float, valid=None, max_iter=None, min_gain: float = 0.0,
-        w_min: float = 0.0) -> OMPResult:
+def omp(
+    K, b, y2: float, k: int, lam, tol: float, valid=None, max_iter=None, min_gain: float = 0.0, w_min: float = 0.0
+) -> OMPResult:
     """The OMP of docs/method.md#filter-then-weight: add `argmax r_i / sqrt(K_ii)` among `r_i > 0`, refit by NNLS.
 
     Candidates with `K_ii = 0` (or `valid` False) are removed first. An atom whose refit weight
@@ -160,7 +161,7 @@ def omp(K, b, y2: float, k: int, lam, tol: float, valid=None, max_iter=None, min
 
 
 def prune_small(K, b, lam, S: list[int], u: np.ndarray, w_min: float) -> tuple[list[int], np.ndarray]:
-    """"In or out": drop rows whose mean-1 weight is below `w_min`, refit NNLS on the rest; repeat."""
+    """ "In or out": drop rows whose mean-1 weight is below `w_min`, refit NNLS on the rest; repeat."""
     while S and w_min > 0:
         w = len(S) * u / u.sum()
         keep = w >= w_min
