@@ -293,3 +293,12 @@ def test_clip_prev_resumes_exactly(tmp_path):
     assert run_cli(["train", f"resume={cut}", "progress=false"])[0] == 0
     assert metric_rows(cut) == metric_rows(full)
     assert all(r["sel_clip_model"] < 1 for r in metric_rows(full)[2:])  # the clip bound and was read back
+
+
+def test_raw_entry_takes_the_largest_residual_correlation_first():
+    K, b, y2 = random_problem(0)
+    lam = ridge_lambda(K, 1e-4)
+    raw = omp(K, b, y2, 1, lam, 1e-3, entry="raw")
+    cos = omp(K, b, y2, 1, lam, 1e-3)
+    assert raw.support == [int(np.argmax(b))] and cos.support == [int(np.argmax(b / np.sqrt(np.diag(K))))]
+    assert raw.support != cos.support  # the problem is one where the two orders differ

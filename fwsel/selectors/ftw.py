@@ -88,6 +88,7 @@ class FTW(Selector):
         clip_q: str = "none",
         self_q: int = 0,
         objective: str = "match",
+        entry: str = "cosine",
         alpha_fit: bool = False,
         empty_support: str = "topk",
         warmup_steps: int = 0,
@@ -106,6 +107,7 @@ class FTW(Selector):
         self.clip_q = choice("clip_q", clip_q, ("none", "prev", "fixed_point"))
         self.self_q = int(choice("self_q", self_q, (0, 1, 2)))
         self.objective = choice("objective", objective, ("match", "step"))
+        self.entry = choice("entry", entry, ("cosine", "raw"))
         if self.objective == "step" and filter != "omp":
             raise ValueError("selector.objective=step solves the matching problem with filter=omp")
         if (self.clip_q != "none" or self.self_q or self.objective == "step") and (
@@ -210,7 +212,7 @@ class FTW(Selector):
         lam = ridge_lambda(K, self.ridge, self.ridge_mode)
         info: dict[str, float] = {}
         if self.filter == "omp":
-            res = omp(K, b, y2, k, lam, self.omp_tol, valid, min_gain=self.min_gain, w_min=self.w_min)
+            res = omp(K, b, y2, k, lam, self.omp_tol, valid, min_gain=self.min_gain, w_min=self.w_min, entry=self.entry)
             S, u = res.support, res.u
             info["omp_iters"] = float(res.iters)
             info["omp_stop"] = float(STOPS.index(res.stop))

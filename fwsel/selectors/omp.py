@@ -106,7 +106,17 @@ class OMPResult:
 
 
 def omp(
-    K, b, y2: float, k: int, lam, tol: float, valid=None, max_iter=None, min_gain: float = 0.0, w_min: float = 0.0
+    K,
+    b,
+    y2: float,
+    k: int,
+    lam,
+    tol: float,
+    valid=None,
+    max_iter=None,
+    min_gain: float = 0.0,
+    w_min: float = 0.0,
+    entry: str = "cosine",
 ) -> OMPResult:
     """The OMP of docs/method.md#filter-then-weight: add `argmax r_i / sqrt(K_ii)` among `r_i > 0`, refit by NNLS.
 
@@ -115,7 +125,9 @@ def omp(
     `max r_i / sqrt(K_ii) <= tol sqrt(y2)`, when `|S| = k`, or after `max_iter` (3k) additions.
     Binding stops (the addition is undone): the explained fraction gains less than `min_gain`,
     or the entering row's mean-1 weight `|S| u_i / sum(u)` is below `w_min`. `lam`: a float
-    (pool ridge) or a per-row vector (see `ridge_lambda`).
+    (pool ridge) or a per-row vector (see `ridge_lambda`). `entry="raw"` picks the largest `r_i`
+    itself among the rows above the threshold (TracIn's order on the residual: a row with a small
+    gradient, e.g. one already learned, enters late even when its direction fits).
     """
     K = np.asarray(K, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -137,10 +149,11 @@ def omp(
             break
         score = np.where(ok, r / norm, -np.inf)
         score[support + just_dropped] = -np.inf
-        i = int(np.argmax(score)) if len(score) else 0
-        if not len(score) or not score[i] > max(thresh, 0.0):
+        eligible = score > max(thresh, 0.0)
+        if not eligible.any():
             stop = "tol"
             break
+        i = int(np.argmax(np.where(eligible, r if entry == "raw" else score, -np.inf)))
         iters += 1
         prev = (support, u)
         support = support + [i]
