@@ -302,3 +302,17 @@ def test_raw_entry_takes_the_largest_residual_correlation_first():
     cos = omp(K, b, y2, 1, lam, 1e-3)
     assert raw.support == [int(np.argmax(b))] and cos.support == [int(np.argmax(b / np.sqrt(np.diag(K))))]
     assert raw.support != cos.support  # the problem is one where the two orders differ
+
+
+def test_clip_q_falls_back_where_products_cannot_be_reformed(caplog):
+    """A sketch or token-Gram engine (here: none) keeps the engine's products for clip_q, with one
+    warning; self_q and objective=step, asked for explicitly, refuse."""
+    K, b, y2 = random_problem(1)
+    plain = select(FTW(name="f", log_overlap_less=False), K, b, y2)
+    sel = FTW(name="f", log_overlap_less=False, clip_q="prev")
+    assert select(sel, K, b, y2).indices == plain.indices
+    assert select(sel, K, b, y2).indices == plain.indices
+    assert sum("clip_q=prev is off" in r.getMessage() for r in caplog.records) == 1
+    for kw in (dict(self_q=1), dict(objective="step")):
+        with pytest.raises(ValueError, match="per-sample gradients"):
+            select(FTW(name="f", log_overlap_less=False, **kw), K, b, y2)

@@ -26,18 +26,23 @@ from fwsel.grads.metric import group_of, pool_q, state_vec
 class AdamRegram:
     """Per-coordinate AdamW state and the pool's per-sample gradients, to re-form `K, b, y2`."""
 
-    def __init__(self, engine, optimizer, k: int) -> None:
+    @staticmethod
+    def unsupported(engine) -> str | None:
+        """Why the products cannot be re-formed from this engine's rows (None when they can)."""
         cap = getattr(engine, "cap", None)
-        rows = getattr(engine, "_rows", None)  # what the products read: every rank's rows under torchrun
-        finite = getattr(engine, "_global_finite", None)
-        finite = getattr(engine, "_finite", None) if finite is None else finite
-        if cap is None or rows is None or finite is None:
-            raise ValueError("selector.clip_q / self_q need the engine's per-sample gradients (scored this step)")
+        if cap is None or getattr(engine, "_rows", None) is None:
+            return "they need the engine's per-sample gradients (scored this step)"
         if getattr(engine, "proj", None) is not None or any(b.ghost is not None for b in cap.blocks):
-            raise ValueError(
-                "selector.clip_q / self_q need exact materialised gradients "
-                "(engine.projection_dim null, engine.grad_path materialize or auto)"
-            )
+            return "they need exact materialised gradients (engine.projection_dim null, grad_path materialize or auto)"
+        return None
+
+    def __init__(self, engine, optimizer, k: int) -> None:
+        why = self.unsupported(engine)
+        if why:
+            raise ValueError(f"selector.clip_q / self_q / objective=step re-form the products: {why}")
+        cap, rows = engine.cap, engine._rows  # _rows: what the products read (every rank's rows under torchrun)
+        finite = getattr(engine, "_global_finite", None)
+        finite = engine._finite if finite is None else finite
         n = len(finite)
         self.G, T = rows[:n], rows[n:]
         nt = max(int((T.abs().sum(1) > 0).sum()), 1)  # non-finite target rows are zero in the buffer

@@ -8,6 +8,7 @@ when the support is empty. Every choice of docs/method.md#options-and-defaults i
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from fwsel.selectors.omp import nnls_gram, omp, prune_small, ridge_lambda, ridge
 from fwsel.selectors.scoring import greedy_interaction, less_scores
 from fwsel.selectors.weights import normalise_and_cap
 
+log = logging.getLogger("fwsel")
 FALLBACK_NONE, FALLBACK_TOPK, FALLBACK_SKIP = 0, 1, 2  # `sel_fallback` codes
 STOPS = ("k", "tol", "gain", "w_min", "max_iter")  # `sel_omp_stop` codes: why OMP stopped
 
@@ -145,6 +147,7 @@ class FTW(Selector):
         self.min_gain, self.w_min, self.temper = float(min_gain), float(w_min), float(temper)
         self.redundancy = None if redundancy is None else float(redundancy)
         self.alpha_fit = bool(alpha_fit)
+        self._warned_plain = False
         self._fit = np.zeros(2)  # running sums of (measured - first order) * Q and Q^2 (alpha_fit)
         self._pending: tuple[float, float] | None = None  # this step's (first order, Q)
         self.warmup_steps = int(warmup_steps)
@@ -234,6 +237,17 @@ class FTW(Selector):
         keep = u > 0
         return [i for i, kept in zip(S, keep) if kept], u[keep] ** self.temper, info
 
+    def plain_only(self, pool: Pool) -> bool:
+        """`clip_q` alone degrades to the engine's own products where they cannot be re-formed
+        (sketched or token-Gram gradients), with one warning; `self_q` and `objective=step` refuse."""
+        why = AdamRegram.unsupported(getattr(pool, "engine", None))
+        if why is None or self.self_q or self.objective == "step":
+            return False
+        if not self._warned_plain:
+            log.warning("selector.clip_q=%s is off for this run (re-forming the products: %s)", self.clip_q, why)
+            self._warned_plain = True
+        return True
+
     def step_consistent(self, pool: Pool, problem, valid):
         """Choose in the metric of the step AdamW will take (fwsel.selectors.adam_step): `clip_q=prev`
         scales q by the previous step's squared clip factor; `fixed_point` chooses, takes the chosen
@@ -297,7 +311,7 @@ class FTW(Selector):
         K, b, y2 = self.problem(pool)
         valid = candidates(s)
         align = np.divide(b, np.sqrt(np.diag(K)), out=np.full_like(b, -np.inf), where=valid)
-        if self.clip_q == "none" and not self.self_q and self.objective == "match":
+        if self.clip_q == "none" and not self.self_q and self.objective == "match" or self.plain_only(pool):
             S, u, diag = self.filter_and_weight(K, b, y2, k, valid)
         else:
             S, u, diag, (K, b, y2) = self.step_consistent(pool, (K, b, y2), valid)
