@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from mixtures import DATA, SUITE, suite_overrides
+from mixtures import DATA, SUITE, suite_overrides  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"  # in git: REPORT.md and the per-mixture summaries
 SUITE_OUT = RESULTS / "suite"
@@ -193,12 +193,15 @@ def report(mixtures, args, greats_scale: float, dev_table: list[str]) -> Path:
             suite[m] = load_jobs_csv(f)
     wall = json.loads((SUITE_OUT / "wall.json").read_text()) if (SUITE_OUT / "wall.json").is_file() else {}
     header = [f"Command: `python benchmarks/convergence.py --suite` on 2 shared cores (two jobs at a time, one "
-              f"torch thread each). {args.steps} steps, k = 8, eval every {args.eval_every} steps on {args.eval_size} held-out "
+              f"torch thread each). {args.steps} steps, k = 8, eval every {args.eval_every} steps on "
+              f"{args.eval_size} held-out "
               f"target rows; test seeds {', '.join(map(str, TEST_SEEDS))}; budget 0.25 on every mixture, 0.1 on "
               f"{' and '.join(m for m in BUDGETS)}. GREATS runs at interaction scale {greats_scale:g} (chosen on "
               "dev seeds below). Wall time: " + (", ".join(f"{k} {v / 60:.1f} min" for k, v in wall.items()) or "—")
+              + (f" (total {sum(wall.values()) / 60:.0f} min)" if wall else "")
               + ". Mixtures: `benchmarks/mixtures.py` (start: `scratch` = the tiny model's random init, `ckpt` = "
-              "a checkpoint first trained on an unselected mix of every format)."]
+              "a checkpoint first trained on an unselected mix of every format). `ftw`: ftw's defaults (v2: "
+              "`selector.clip_q=prev`); `ftw v1`: the first version's code and defaults on the same pools."]
     extra = {"Where ftw wins, where it does not, and why": SUITE_OUT / "analysis.md",
              "ftw options (paired, dev seeds) and the defaults chosen": SUITE_OUT / "ftw_options.md"}
     starts = {m: SUITE[m][1] for m in mixtures}

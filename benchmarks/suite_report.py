@@ -64,7 +64,8 @@ def reach(jobs, budget):
 
 def cross_table(suite: dict, starts: dict) -> list[str]:
     head = ("| mixture (start) | budget | ftw | ftw v1 | greats | tracin | random | full* | oracle* | exact match "
-            "ftw / ftw v1 / greats / random | ftw below greats / tracin / random | ftw v1 below greats / tracin / random |")
+            "ftw / ftw v1 / greats / random | ftw below greats / tracin / random "
+            "| ftw v1 below greats / tracin / random |")
     lines = [head, "|---" * 12 + "|"]
     for m, jobs in suite.items():
         for b in sorted({j["budget"] for j in jobs}, reverse=True):
@@ -91,7 +92,8 @@ def mixture_section(m: str, jobs: list[dict]) -> list[str]:
         by, r = _by(jobs, b), reach(jobs, b)
         out += [(f"Budget {b:g}: final target loss and exact match (mean ± std over seeds), steps (fraction of "
                 "the run, median) and seconds of training to reach random's final loss, rows trained per step."), "",
-                "| arm | final loss | exact match | → random: steps | seconds | rows/step |", "|---|---|---|---|---|---|"]
+                "| arm | final loss | exact match | → random: steps | seconds | rows/step |",
+                "|---|---|---|---|---|---|"]
         for a in ORDER:
             js = [j for (x, _), j in by.items() if x == a]
             if not js:
