@@ -26,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -176,7 +177,14 @@ def summarise(mixture: str) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     jobs = read_jobs(d)
     if jobs:
-        compare_dirs([d], out)
+        # compare sees each job's summary and metrics but not its config: the arms of one suite run
+        # may span code versions whose config keys differ, which compare would list as variants
+        with tempfile.TemporaryDirectory() as tmp:
+            for s in d.glob("*/summary.json"):
+                (Path(tmp) / s.parent.name).mkdir()
+                for name in ("summary.json", "metrics.jsonl"):
+                    shutil.copy(s.with_name(name), Path(tmp) / s.parent.name / name)
+            compare_dirs([tmp], out)
         write_jobs_csv(jobs, out / "jobs.csv")
     return jobs
 
