@@ -85,8 +85,8 @@ def cross_table(suite: dict, starts: dict) -> list[str]:
 
 
 def mixture_section(m: str, jobs: list[dict]) -> list[str]:
-    out = [f"### {m}", "", (f"`fwsel compare benchmarks/data/runs/suite/test/{m}` (raw, git-ignored) wrote "
-           f"[summary.csv](suite/{m}/summary.csv); per job: [jobs.csv](suite/{m}/jobs.csv)."), "",
+    out = [f"### {m}", "", (f"`fwsel compare` over the raw jobs (git-ignored: benchmarks/data/runs/suite/test/{m}) "
+           f"wrote [summary.csv](suite/{m}/summary.csv); per job: [jobs.csv](suite/{m}/jobs.csv)."), "",
            f"![curves](suite/{m}/curves.png) ![selection](suite/{m}/selection.png)", ""]
     for b in sorted({j["budget"] for j in jobs}, reverse=True):
         by, r = _by(jobs, b), reach(jobs, b)
