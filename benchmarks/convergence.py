@@ -1,222 +1,264 @@
-"""Convergence benchmark: does selection help, by how much, and at what cost.
+"""Convergence benchmark suite: does selection help, on which mixtures, by how much, at what cost.
 
-    python benchmarks/convergence.py                      # every part, about 20-30 min on 2 cores
-    python benchmarks/convergence.py --parts dev          # settle defaults on dev seeds 100-102 only
+    python benchmarks/convergence.py --suite                  # everything: greats dev, test arms, report
+    python benchmarks/convergence.py --suite --phase dev      # GREATS's interaction scale on dev seeds only
+    python benchmarks/convergence.py --suite --arms ftw       # one arm on the test seeds (others kept)
+    python benchmarks/convergence.py --report-only            # re-render REPORT.md from the committed CSVs
 
-Each part is one sweep dir under `benchmarks/results/<part>/` (jobs keep only summary.json,
-metrics.jsonl and their config), re-rendered by `fwsel compare benchmarks/results/<part>`.
-Jobs run through `fwsel train -m` with the joblib launcher, one process per core, one torch
-thread each. The report goes to `benchmarks/results/REPORT.md`.
-
-Parts: `dev` (ftw's choices in docs/method.md#options-and-defaults and GREATS's interaction scale on seeds
-100-102), `main` (ftw, greats at its best dev scale, tracin, random, full, source_oracle x
-budgets 0.1, 0.25 x seeds 0-4), `ablations` (ftw_sgd, ftw_uniform, ftw_topk, gradnorm,
-maxloss, less at 0.25 x seeds 0-2), `sort` (the main arms on a second mixture, JSONL, seeds
-0-2), `fidelity` (predicted vs measured target-loss change for ftw, greats, tracin).
+The mixtures are `benchmarks/mixtures.py`'s SUITE. Dev seeds (100-102) decide options: here
+GREATS's interaction scale, one value for the whole suite (ftw's options are decided the same
+way by its own ablations); test seeds (0-4) make the report. Every job is one `fwsel train`
+run, two at a time, one torch thread each; its dir (git-ignored, under `benchmarks/data/runs/`)
+is kept when finished, so a re-run only runs what is missing. Per mixture the committed sweep
+summary is `benchmarks/results/suite/<mixture>/`: `fwsel compare`'s summary.csv, curves.png and
+selection.png, plus jobs.csv (one line per job: final numbers, shares of rows and of weight
+per source) from which REPORT.md is rendered.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from mixtures import write_sort_mixture  # noqa: E402
+from mixtures import DATA, SUITE, suite_overrides  # noqa: E402
 
-KEEP = {"summary.json", "metrics.jsonl", "fwsel_config.yaml", "config.yaml", "overrides.yaml", "wall.json"}
-GREATS_CALIBRATED = 45.0  # interaction / first-order ratio ~0.3 (gamma = 1 gives ~0.007 on this stream)
-DEV_VARIANTS = {  # name -> selector overrides (ftw unless `selector=` is given)
-    "ftw": [],
-    "ftw_q-state": ["selector.adam_q=state"],
-    "ftw_q-taylor": ["selector.adam_q=taylor"],
-    "ftw_momentum": ["selector.momentum_correction=true"],
-    "ftw_D2": ["selector.metric=D2"],
-    "ftw_greedy": ["selector.filter=greedy"],
-    "ftw_fill": ["selector.fill=alignment"],
-    "ftw_wmax2": ["selector.w_max=2"],
-    "ftw_ridge1e-2": ["selector.ridge=1e-2", "selector.omp_tol=3e-2"],
-    "ftw_warmup10": ["selector.warmup_steps=10"],
-    "greats_g0": ["selector=greats", "selector.interaction_scale=0"],
-    "greats_g1": ["selector=greats", "selector.interaction_scale=1"],
-    "greats_gcal": ["selector=greats", f"selector.interaction_scale={GREATS_CALIBRATED}"],
-}
-WARMUP = 10  # optim.warmup_steps: fidelity is summarised over the steps after it
-MAIN_ARMS = ["ftw", "greats", "tracin", "random", "full", "source_oracle"]
-ABLATIONS = ["ftw_sgd", "ftw_uniform", "ftw_topk", "gradnorm", "maxloss", "less"]
+RESULTS = ROOT / "benchmarks" / "results"  # in git: REPORT.md and the per-mixture summaries
+SUITE_OUT = RESULTS / "suite"
+RAW = DATA / "runs" / "suite"  # git-ignored job dirs
+BUDGETS = {"embedded": (0.25, 0.1), "shift": (0.25, 0.1)}  # the others: 0.25 only
+DEV_SEEDS, TEST_SEEDS = (100, 101, 102), (0, 1, 2, 3, 4)
+GREATS_SCALES = (10.0, 45.0, 150.0)  # 45 was best on the first version's dev seeds (upstream 1 ~ tracin there)
+ARMS = ("random", "source_oracle", "tracin", "full", "greats", "ftw")  # cheapest first
+RIVALS = ("greats", "tracin", "random")
+SOURCES = ("target", "related", "noisy", "irrelevant", "duplicate")
+KEEP = {"summary.json", "metrics.jsonl", "fwsel_config.yaml", "overrides.yaml"}
 
 
-def fwsel(sweep_dir: Path, overrides: list[str], n_jobs: int) -> None:
-    """One multirun into `sweep_dir` (finished jobs with the same config are skipped)."""
+def budgets(mixture: str) -> tuple[float, ...]:
+    return BUDGETS.get(mixture, (0.25,))
+
+
+def fwsel_multirun(sweep_dir: Path, overrides: list[str], n_jobs: int) -> None:
+    """One `fwsel train -m` into `sweep_dir` (joblib: `n_jobs` workers that import torch once; finished
+    jobs with the same config are skipped), then drop what the report does not read."""
     cmd = [str(Path(sys.executable).with_name("fwsel")), "train", "-m", *overrides, "progress=false",
            f"hydra.sweep.dir={sweep_dir}", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
-    print("$", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, env=env, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
-
-
-def prune(sweep_dir: Path) -> None:
-    """Keep what `fwsel compare` and a re-run need; drop checkpoints, logs and selections."""
+           "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    print("$", " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, env=env, cwd=ROOT, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for p in sorted(sweep_dir.rglob("*"), reverse=True):
-        if p.is_file() and p.name not in KEEP and p.parent != sweep_dir:
-            p.unlink()
-        elif p.is_dir() and p.name == "checkpoints":
+        if p.is_dir() and p.name == "checkpoints":
             shutil.rmtree(p)
+        elif p.is_file() and p.parent != sweep_dir and p.name not in KEEP and ".hydra" not in p.parts:
+            p.unlink()
 
 
-def dev_best_greats(dev: Path) -> float:
-    """GREATS's interaction scale with the lowest mean final loss on the dev seeds."""
-    best, scale = float("inf"), 1.0
-    for name, ov in DEV_VARIANTS.items():
-        if not name.startswith("greats"):
-            continue
-        losses = [s["target_eval_loss"] for s in summaries(dev) if s["selector"] == name and s["status"] == "ok"]
-        if losses and statistics.fmean(losses) < best:
-            best, scale = statistics.fmean(losses), float(ov[-1].split("=")[1])
-    return scale
+def common(args) -> list[str]:
+    return [f"steps={args.steps}", f"eval_every={args.eval_every}", f"target.eval_size={args.eval_size}"]
 
 
-def summaries(d: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in d.glob("*/summary.json")]
+def seeds(xs) -> str:
+    return "seed=" + ",".join(map(str, xs))
 
 
-def run_part(part: str, args) -> Path:
-    d = RESULTS / part
-    common = [f"steps={args.steps}", f"eval_every={args.eval_every}"]
-    if part == "dev":
-        for name, ov in DEV_VARIANTS.items():
-            sel = [o for o in ov if o.startswith("selector=")] or ["selector=ftw"]
-            rest = [o for o in ov if not o.startswith("selector=")]
-            fwsel(d, [*sel, f"selector.name={name}", *rest, "budget=0.25", "seed=100,101,102", *common], args.n_jobs)
-    elif part in ("main", "sort"):
-        data = []
-        seeds = "0,1,2,3,4" if part == "main" else "0,1,2"
-        if part == "sort":
-            mix = write_sort_mixture(ROOT / "benchmarks" / "data" / "sort")  # generated, git-ignored
-            data = ["data=jsonl", f"data.files={mix / 'train.jsonl'}", f"data.target_files={mix / 'target.jsonl'}",
-                    "data.max_len=32"]
-        scale = dev_best_greats(RESULTS / "dev") if (RESULTS / "dev").exists() else 1.0
-        for arm in MAIN_ARMS:
-            extra = [f"selector.interaction_scale={scale}"] if arm == "greats" else []
-            fwsel(d, [f"selector={arm}", *extra, "budget=0.1,0.25", f"seed={seeds}", *data, *common], args.n_jobs)
-    elif part == "ablations":
-        fwsel(d, [f"selector={','.join(ABLATIONS)}", "budget=0.25", "seed=0,1,2", *common], args.n_jobs)
-    elif part == "fidelity":
-        fwsel(d, ["selector=ftw,greats,tracin", "budget=0.25", "seed=0,1,2", "diagnostics.fidelity=true",
-                  *common], args.n_jobs)
-    prune(d)
-    return d
+def run_dev(mixtures, args) -> None:
+    for m in mixtures:
+        fwsel_multirun(RAW / "dev" / m, [*suite_overrides(m), "selector=greats",
+                                         "selector.interaction_scale=" + ",".join(f"{s:g}" for s in GREATS_SCALES),
+                                         "budget=0.25", seeds(DEV_SEEDS), *common(args)], args.n_jobs)
 
 
-def wins(d: Path, arm: str = "ftw", budget: float = 0.25) -> list[str]:
-    """Per seed: is `arm`'s final loss below each rival's with the same seed?"""
-    by = {(s["selector"], s["seed"]): s["target_eval_loss"] for s in summaries(d)
-          if s["status"] == "ok" and s["budget"] == budget}
-    lines = []
-    for rival in ("greats", "tracin", "random"):
-        seeds = sorted(seed for (sel, seed) in by if sel == arm and (rival, seed) in by)
-        won = [seed for seed in seeds if by[(arm, seed)] < by[(rival, seed)]]
-        if seeds:
-            lines.append(f"- {arm} below {rival} at budget {budget:g}: {len(won)} of {len(seeds)} seeds {won}")
-    return lines
+def dev_greats_scale(mixtures) -> tuple[float, list[str]]:
+    """The scale with the lowest mean over mixtures of log(mean dev-seed final loss); the table."""
+    table, score = [], {}
+    for scale in GREATS_SCALES:
+        logs, cells = [], []
+        for m in mixtures:
+            losses = [r["loss"] for r in read_jobs(RAW / "dev" / m, f"interaction_scale-{scale:g}_") if r["ok"]]
+            if losses:
+                logs.append(math.log(statistics.fmean(losses)))
+                cells.append(f"{statistics.fmean(losses):.4f} (n={len(losses)})")
+            else:
+                cells.append("—")
+        if len(logs) == len(mixtures):
+            score[scale] = statistics.fmean(logs)
+        table.append(f"| {scale:g} | " + " | ".join(cells) + f" | {score.get(scale, float('nan')):.4f} |")
+    head = ["| interaction scale | " + " | ".join(mixtures) + " | mean log loss |", "|---" * (len(mixtures) + 2) + "|"]
+    best = min(score, key=score.get) if score else 45.0
+    return best, head + table
 
 
-def paired(d: Path, base: str = "ftw") -> list[str]:
-    """Per dev seed: each variant's final loss minus `base`'s (the seed noise cancels)."""
-    by = {(s["selector"], s["seed"]): s["target_eval_loss"] for s in summaries(d) if s["status"] == "ok"}
-    seeds = sorted(seed for sel, seed in by if sel == base)
-    lines = ["| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---" * (len(seeds) + 2) + "|"]
-    for sel in sorted({sel for sel, _ in by}):
-        diffs = [by[(sel, s)] - by[(base, s)] for s in seeds if (sel, s) in by]
-        if len(diffs) == len(seeds):
-            lines.append(f"| {sel} | " + " | ".join(f"{x:+.3f}" for x in diffs) + f" | {statistics.fmean(diffs):+.3f} |")
-    return [f"Final target loss minus {base}'s, same seed (negative = better than {base}):", "", *lines]
+def run_test(m: str, arm: str, args, greats_scale: float) -> None:
+    """One arm on one mixture, test seeds, every budget of the mixture (`full` at 0.25 only: at 0.1 it
+    trains on 80 rows a step, ten times a budget-matched arm's work, for a reference row)."""
+    bs = (0.25,) if arm == "full" else budgets(m)
+    extra = [f"selector.interaction_scale={greats_scale:g}"] if arm == "greats" else []
+    extra += args.ftw_overrides if arm == "ftw" else []
+    fwsel_multirun(RAW / "test" / m, [*suite_overrides(m), f"selector={arm}", *extra,
+                                      "budget=" + ",".join(f"{b:g}" for b in bs), seeds(TEST_SEEDS), *common(args)],
+                   args.n_jobs)
 
 
-def fidelity_lines(d: Path) -> list[str]:
-    from fwsel.fidelity import summarise  # the same statistics the run logs, over its steps
+# ---- per-job numbers (jobs.csv) -------------------------------------------------------------
 
+def read_jobs(d: Path, name_has: str = "") -> list[dict]:
+    """One dict per job dir under `d` (whose name holds `name_has`): final numbers, evals, shares of
+    rows and of weight per source."""
     out = []
-    for p in sorted(d.glob("*/metrics.jsonl")):
-        s = json.loads(p.with_name("summary.json").read_text())
-        rows = [json.loads(line) for line in p.read_text().splitlines()]
-        for key in ("fid_pred", "fid_pred_linear"):
-            r = summarise(rows, warmup=WARMUP, key=key)
-            if r:
-                out.append(f"- {s['selector']} seed {s['seed']} ({key}): "
-                           + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
+    for s_path in sorted(p for p in d.glob("*/summary.json") if name_has in p.parent.name):
+        s = json.loads(s_path.read_text())
+        rows, evals, sec = [], [], 0.0
+        picks = {src: 0.0 for src in SOURCES}
+        weights = {src: 0.0 for src in SOURCES}
+        for line in s_path.with_name("metrics.jsonl").read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            sec += float(r.get("sec_step") or 0.0)
+            if r.get("target_eval_loss") is not None:
+                evals.append((int(r["step"]), float(r["target_eval_loss"]), sec))
+            for src, n in (r.get("selected_per_source") or {}).items():
+                picks[src] = picks.get(src, 0.0) + float(n)
+            for src, w in (r.get("weight_per_source") or {}).items():
+                weights[src] = weights.get(src, 0.0) + float(w)
+            rows.append(r)
+        n_p, n_w = sum(picks.values()) or 1.0, sum(weights.values()) or 1.0
+        steps = int(s.get("steps_done") or 0)
+        out.append({"selector": s["selector"], "budget": float(s["budget"]), "seed": int(s["seed"]),
+                    "ok": s.get("status") in ("ok", "exhausted"), "loss": s.get("target_eval_loss"),
+                    "acc": s.get("target_eval_acc"), "loss0": s.get("target_eval_loss_initial"),
+                    "steps": steps, "sec_train": round(sec, 2), "wall_s": s.get("wall_s"),
+                    "rows_per_step": sum(picks.values()) / max(steps, 1),
+                    "evals": json.dumps([[st, round(lo, 5), round(se, 2)] for st, lo, se in evals]),
+                    **{f"rows_{k}": v / n_p for k, v in picks.items()},
+                    **{f"weight_{k}": v / n_w for k, v in weights.items()}})
     return out
 
 
-DECISIONS = """## Defaults chosen on the dev seeds (docs/method.md#options-and-defaults)
-
-No ftw variant beat the default by more than the seed noise (per-seed differences of
-+-0.1 on a mean difference of at most 0.02; table in `dev`), so the starting defaults stay:
-`adam_q=pool` (state -0.016, taylor +0.020), no `momentum_correction` (+0.004), metric `D`
-(`D2` +0.078, worse on every seed), filter `omp` (`greedy` -0.019, within noise; kept as the
-method's filter), `fill=none` (+0.018), `w_max=5` (2: +0.055), `ridge=1e-4` (1e-2: -0.003),
-warm-up `W=0` (10 steps: -0.009), exact gradients (no compression). GREATS: the interaction
-scale 45 (ratio of interaction to first-order term about 0.3) was best on dev (+0.056 vs
-ftw, against +0.064 at upstream's 1 and +0.088 at 0), so `main` and `sort` run it there.
-"""
+def write_jobs_csv(jobs: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(jobs[0]))
+        w.writeheader()
+        w.writerows(jobs)
 
 
-def report(parts: list[str], wall: dict[str, float]) -> Path:
+def load_jobs_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        job = {k: (float(v) if v not in ("", "None") else None) for k, v in r.items()
+               if k not in ("selector", "ok", "evals")}
+        job.update(selector=r["selector"], ok=r["ok"] == "True", evals=json.loads(r["evals"]))
+        out.append(job)
+    return out
+
+
+def summarise(mixture: str) -> list[dict]:
+    """fwsel compare's summary for the mixture's test jobs, and jobs.csv; returns the jobs."""
     from fwsel.compare import compare_dirs
 
-    for part in parts:  # parts not run now keep the wall time of the run that made them
-        f = RESULTS / part / "wall.json"
-        if part not in wall and f.exists():
-            wall[part] = json.loads(f.read_text())["wall_s"]
-    lines = ["# Convergence benchmark", "",
-             f"Command: `python benchmarks/convergence.py --parts {','.join(parts)}` (2 shared cores, "
-             "2 jobs at a time); wall time per part: "
-             + ", ".join(f"{p} {wall[p] / 60:.1f} min" for p in parts if p in wall), "", DECISIONS]
-    for part in parts:
-        d = RESULTS / part
-        if not d.exists():
-            continue
-        _, table = compare_dirs([d])
-        lines += [f"## {part}", "", f"`fwsel compare benchmarks/results/{part}`", "", "```", table.rstrip(), "```", "",
-                  f"![curves]({part}/curves.png) ![selection]({part}/selection.png)", ""]
-        if part == "dev":
-            lines += [*paired(d), ""]
-        if part in ("main", "sort"):
-            lines += [*wins(d, budget=0.25), *wins(d, budget=0.1), ""]
-        if part == "fidelity":
-            lines += [*fidelity_lines(d), ""]
+    d, out = RAW / "test" / mixture, SUITE_OUT / mixture
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = read_jobs(d)
+    if jobs:
+        # compare sees each job's summary and metrics but not its config: the arms of one suite run
+        # may span code versions whose config keys differ, which compare would list as variants
+        with tempfile.TemporaryDirectory() as tmp:
+            for s in d.glob("*/summary.json"):
+                (Path(tmp) / s.parent.name).mkdir()
+                for name in ("summary.json", "metrics.jsonl"):
+                    shutil.copy(s.with_name(name), Path(tmp) / s.parent.name / name)
+            compare_dirs([tmp], out)
+        write_jobs_csv(jobs, out / "jobs.csv")
+    return jobs
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+def report(mixtures, args, greats_scale: float, dev_table: list[str]) -> Path:
+    from suite_report import render
+
+    suite = {}
+    for m in mixtures:
+        f = SUITE_OUT / m / "jobs.csv"
+        if f.is_file():
+            suite[m] = load_jobs_csv(f)
+    wall = json.loads((SUITE_OUT / "wall.json").read_text()) if (SUITE_OUT / "wall.json").is_file() else {}
+    header = [f"Command: `python benchmarks/convergence.py --suite` on 2 shared cores (two jobs at a time, one "
+              f"torch thread each). {args.steps} steps, k = 8, eval every {args.eval_every} steps on "
+              f"{args.eval_size} held-out "
+              f"target rows; test seeds {', '.join(map(str, TEST_SEEDS))}; budget 0.25 on every mixture, 0.1 on "
+              f"{' and '.join(m for m in BUDGETS)}. GREATS runs at interaction scale {greats_scale:g} (chosen on "
+              "dev seeds below). Wall time: " + (", ".join(f"{k} {v / 60:.1f} min" for k, v in wall.items()) or "—")
+              + (f" (total {sum(wall.values()) / 60:.0f} min)" if wall else "")
+              + ". Mixtures: `benchmarks/mixtures.py` (start: `scratch` = the tiny model's random init, `ckpt` = "
+              "a checkpoint first trained on an unselected mix of every format). `ftw`: ftw's defaults (v2: "
+              "`selector.clip_q=prev`); `ftw v1`: the first version's code and defaults on the same pools."]
+    extra = {"Where ftw wins, where it does not, and why": SUITE_OUT / "analysis.md",
+             "ftw options (paired, dev seeds) and the defaults chosen": SUITE_OUT / "ftw_options.md"}
+    starts = {m: SUITE[m][1] for m in mixtures}
     out = RESULTS / "REPORT.md"
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text(render(suite, starts, header, extra, dev_table))
     return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="fwsel convergence benchmark")
-    p.add_argument("--parts", default="dev,main,ablations,sort,fidelity")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--eval-every", type=int, default=20)
+    p = argparse.ArgumentParser(description="fwsel benchmark suite")
+    p.add_argument("--suite", action="store_true", help="run the suite (what is missing), then the report")
+    p.add_argument("--phase", default="dev,test", help="dev (GREATS scale), test (the arms), or both")
+    p.add_argument("--arms", default=",".join(ARMS), help="arms run on the test seeds")
+    p.add_argument("--mixtures", default=",".join(SUITE))
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-size", type=int, default=128, help="target eval rows (target.eval_size)")
     p.add_argument("--n-jobs", type=int, default=2)
-    p.add_argument("--report-only", action="store_true", help="re-render REPORT.md from the results")
+    p.add_argument("--greats-scale", type=float, default=None, help="skip the dev choice and use this scale")
+    p.add_argument("--ftw-overrides", nargs="*", default=[], help="extra overrides for the ftw arm")
+    p.add_argument("--report-only", action="store_true", help="re-render REPORT.md from the committed CSVs")
     args = p.parse_args()
-    parts, wall = args.parts.split(","), {}
-    t0 = time.time()
-    for part in parts if not args.report_only else []:
+    mixtures, phases, arms = args.mixtures.split(","), args.phase.split(","), args.arms.split(",")
+    SUITE_OUT.mkdir(parents=True, exist_ok=True)
+    wall_f = SUITE_OUT / "wall.json"
+    wall = json.loads(wall_f.read_text()) if wall_f.is_file() else {}
+    if args.suite and "dev" in phases:
         t = time.time()
-        run_part(part, args)
-        wall[part] = time.time() - t
-        (RESULTS / part / "wall.json").write_text(json.dumps({"wall_s": round(wall[part], 1)}) + "\n")
-        print(f"{part}: {wall[part] / 60:.1f} min", flush=True)
-    print(report(parts, wall), f"total {(time.time() - t0) / 60:.1f} min")
+        run_dev(mixtures, args)
+        wall["greats dev"] = time.time() - t
+    scale, dev_table = dev_greats_scale(list(SUITE))  # one scale for the whole suite, whatever runs now
+    if (RAW / "dev").is_dir():
+        (SUITE_OUT / "greats_dev.md").write_text("\n".join(dev_table) + f"\n\nchosen: {scale:g}\n")
+    elif (SUITE_OUT / "greats_dev.md").is_file():  # report-only on a fresh clone: the committed choice
+        text = (SUITE_OUT / "greats_dev.md").read_text().split("\n\nchosen: ")
+        dev_table, scale = text[0].splitlines(), float(text[1])
+    scale = args.greats_scale if args.greats_scale is not None else scale
+    if args.suite and "test" in phases:
+        for m in mixtures:
+            for arm in arms:
+                t = time.time()
+                run_test(m, arm, args, scale)
+                key = " ".join([arm, *args.ftw_overrides]) if arm == "ftw" else arm
+                wall[key] = wall.get(key, 0.0) + time.time() - t
+            summarise(m)
+            wall_f.write_text(json.dumps({k: round(v, 1) for k, v in wall.items()}) + "\n")
+            print(f"{m} done", flush=True)
+    wall_f.write_text(json.dumps({k: round(v, 1) for k, v in wall.items()}) + "\n")
+    print(report(mixtures, args, scale, dev_table))
 
 
 if __name__ == "__main__":

@@ -209,7 +209,8 @@ class Trainer:
         rows = self.shortlist(t, rows, need)  # selector.prefilter_keep: a cheap first stage
         sc = self.score(t, rows, need)  # gradients and geometry (the engine), or losses
         pool = Pool(rows, self.k, t, lr, torch_gen(self.seed, "selector", t), scores=sc.scores, losses=sc.losses,
-                    optimizer=self.optimizer)
+                    optimizer=self.optimizer, engine=self.engine if sc.scores is not None else None,
+                    clip_prev=self.totals.get("clip_prev", 1.0), max_norm=self.cfg.optim.max_grad_norm)
         sel = self.comm.broadcast_object(self.selector.select(pool))  # rank 0's, should rounding differ
         t_sel = time.perf_counter() - t0
         up = self.update(t, need, pool, sc, sel)
@@ -257,6 +258,7 @@ class Trainer:
                     nonfinite=int((~sc.finite).sum()) + len(picked) - len(idx))
         if idx and math.isfinite(up.norm):
             clip = clip_update(self.params, up.norm, self.cfg.optim.max_grad_norm)
+            self.totals["clip_prev"] = clip  # ftw clip_q=prev reads it next step (checkpointed with the totals)
             if self.selector.fidelity and sc.scores is not None:  # diagnostics.fidelity: predicted ...
                 up.fid = self.selector.predict_change(pool, idx, w, clip)
             self.optimizer.step()
@@ -265,6 +267,7 @@ class Trainer:
             if up.fid:  # ... and measured target-loss change (one extra no-grad forward)
                 up.fid["fid_meas"] = fidelity.measured_change(self.model, sc.target, sc.scores.target_losses,
                                                               int(self.cfg.engine.loss_chunk_tokens))
+                self.selector.observe(up.fid)
         elif not len(sel.indices) and bool(sc.finite.any()):  # e.g. ftw empty_support=skip: no row helps
             self._skip(t, up, f"{self.selector.name} chose no row (empty support)", counts_as_bad=False)
         else:

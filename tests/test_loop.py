@@ -12,7 +12,7 @@ from fwsel.data.files import FileReader, IterStream
 
 # seed 0, default config (selector=ftw, tiny, budget 0.25, k = 8): the first five training losses.
 # A change here means the stream, the model init, the tokenizer or the default selector changed.
-PINNED = [4.673820911970927, 4.679596120094252, 4.544725648125376, 4.365931117664607, 4.289873675240016]
+PINNED = [4.624659686120111, 4.6662443662789705, 4.546194851928263, 4.425293980009414, 4.311838302498927]
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,7 @@ def test_default_run_learns_and_first_losses_are_pinned(default_run):
     s = default_run["summary"]
     assert s["status"] == "ok" and s["steps_done"] == 200 and s["selector"] == "ftw"
     assert s["target_eval_loss"] <= 0.9 * s["target_eval_loss_initial"]
+    assert s["target_eval_acc"] >= 0.5  # the default run learns the task itself, not only its format
     assert train_losses(default_run)[:5] == pytest.approx(PINNED, rel=1e-4)
     first = default_run["metrics"][0]
     assert first["step"] == 0 and first["train_loss"] is None and first["target_eval_loss"] is not None

@@ -74,3 +74,27 @@ def test_file_target_split_rule():
     assert len(sel) == 5 and len(ev) == 5 and not {r["id"] for r in sel} & {r["id"] for r in ev}
     with pytest.raises(Exception, match="at least 2"):
         split_target(rows[:1], t)
+
+
+def test_key_task_rows_follow_the_key_and_noisy_rows_the_reversed_rule():
+    from fwsel.data.synthetic import KEY
+
+    split = TargetSplit(0, 64, 256, "key")
+    st = SyntheticStream(0, MIX, 4, split)
+    ev = {r["prompt"] for r in split.eval}
+    assert len(ev) == 256 and not ev & {r["prompt"] for r in split.select}
+    rows = [r for t in range(100) for r in st.pool(t, 32)]
+    for r in rows:
+        if r["prompt"].startswith("key "):
+            digits = r["prompt"][4:-1]
+            right = "".join(KEY[int(d)] for d in digits)
+            if r["source"] == "noisy":
+                assert r["response"] != right and (r["response"] == right[::-1] or right == right[::-1])
+            else:
+                assert r["source"] in ("target", "related", "duplicate") and r["response"] == right
+                assert len(digits) == 4 or r["source"] == "related"
+        if r["source"] in ("target", "duplicate"):
+            assert r["prompt"] not in ev
+    assert len({r["prompt"] for r in rows if r["source"] == "duplicate"}) == 4
+    with pytest.raises(ValueError, match="data.task must be one of key|add"):
+        TargetSplit(0, 64, 256, "bogus")

@@ -69,7 +69,7 @@ def synthetic(cfg) -> tuple[SyntheticStream, TargetSplit]:
     """The embedded stream and its target split, from the config alone."""
     d, t = cfg.data, cfg.target
     try:
-        split = TargetSplit(int(t.split_seed), int(t.select_size), int(t.eval_size))
+        split = TargetSplit(int(t.split_seed), int(t.select_size), int(t.eval_size), d.get("task", "add"))
         return SyntheticStream(int(cfg.seed), dict(d.mixture), int(d.n_duplicates), split, d.noisy_mode), split
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -43,6 +43,9 @@ class Pool:
     scores: Any = None  # fwsel.grads.Scores when needs() is Needs.GRADS
     losses: torch.Tensor | None = None  # per-sample losses when needs() is Needs.LOSSES
     optimizer: torch.optim.Optimizer | None = None
+    engine: Any = None  # the engine that scored this step (holds the per-sample gradients until the update)
+    clip_prev: float = 1.0  # the previous step's gradient-clipping factor (1 when it did not bind)
+    max_norm: float | None = None  # optim.max_grad_norm (None: no clipping)
 
 
 @dataclass
@@ -83,6 +86,9 @@ class Selector:
         `(indices, weights)` (mean-1 weights, `clip` the clipping factor), as `fid_*` metrics
         (see fwsel.fidelity); empty when the selector has no such model."""
         return {}
+
+    def observe(self, fid: dict[str, float]) -> None:
+        """The step's `fid_*` metrics once `fid_meas` is known (a selector may fit its model to them)."""
 
 
 def uniform(indices) -> Selection:

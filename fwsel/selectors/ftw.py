@@ -8,11 +8,13 @@ when the support is empty. Every choice of docs/method.md#options-and-defaults i
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 import torch
 
+from fwsel.selectors.adam_step import AdamRegram, clip_factor, clipped_step
 from fwsel.selectors.base import (
     EngineNeeds,
     Needs,
@@ -26,11 +28,13 @@ from fwsel.selectors.base import (
     topk,
     uniform,
 )
-from fwsel.selectors.omp import nnls_gram, omp, ridge_lambda
+from fwsel.selectors.omp import nnls_gram, omp, prune_small, ridge_lambda, ridged
 from fwsel.selectors.scoring import greedy_interaction, less_scores
 from fwsel.selectors.weights import normalise_and_cap
 
+log = logging.getLogger("fwsel")
 FALLBACK_NONE, FALLBACK_TOPK, FALLBACK_SKIP = 0, 1, 2  # `sel_fallback` codes
+STOPS = ("k", "tol", "gain", "w_min", "max_iter")  # `sel_omp_stop` codes: why OMP stopped
 
 
 def adam_constants(optimizer) -> tuple[float, float, int]:
@@ -77,7 +81,17 @@ class FTW(Selector):
         fill: str = "none",
         w_max: float = 5.0,
         ridge: float = 1e-4,
+        ridge_mode: str = "pool",
         omp_tol: float = 1e-3,
+        min_gain: float = 0.0,
+        w_min: float = 0.0,
+        temper: float = 1.0,
+        redundancy: float | None = None,
+        clip_q: str = "none",
+        self_q: int = 0,
+        objective: str = "match",
+        entry: str = "cosine",
+        alpha_fit: bool = False,
         empty_support: str = "topk",
         warmup_steps: int = 0,
         log_overlap_less: bool = False,
@@ -91,6 +105,20 @@ class FTW(Selector):
         self.metric_key = choice("metric", metric, ("D", "D2"))
         self.adam_q = choice("adam_q", adam_q, ("pool", "state", "taylor"))
         self.fill = choice("fill", fill, ("none", "alignment"))
+        self.ridge_mode = choice("ridge_mode", ridge_mode, ("pool", "self"))
+        self.clip_q = choice("clip_q", clip_q, ("none", "prev", "fixed_point"))
+        self.self_q = int(choice("self_q", self_q, (0, 1, 2)))
+        self.objective = choice("objective", objective, ("match", "step"))
+        self.entry = choice("entry", entry, ("cosine", "raw"))
+        if self.objective == "step" and filter != "omp":
+            raise ValueError("selector.objective=step solves the matching problem with filter=omp")
+        if (self.clip_q != "none" or self.self_q or self.objective == "step") and (
+            geometry != "adam" or metric != "D" or adam_q != "pool" or momentum_correction
+        ):
+            raise ValueError(
+                "selector.clip_q / self_q / objective=step re-form the adam metric D with adam_q=pool "
+                "(geometry=adam, metric=D, no momentum_correction)"
+            )
         self.empty_support = choice("empty_support", empty_support, ("topk", "skip"))
         self.momentum_correction = bool(momentum_correction)
         for key, val, lo in (
@@ -98,6 +126,8 @@ class FTW(Selector):
             ("w_max", w_max, 1.0),  # mean 1 needs room above 1
             ("ridge", ridge, 0.0),
             ("omp_tol", omp_tol, 0.0),
+            ("min_gain", min_gain, 0.0),
+            ("w_min", w_min, 0.0),
             ("warmup_steps", warmup_steps, 0.0),
         ):
             if not isinstance(val, (int, float)) or not (val > lo if key == "alpha" else val >= lo):
@@ -107,12 +137,25 @@ class FTW(Selector):
                 "selector.momentum_correction needs geometry=adam and metric=D "
                 "(the drift target holds D^-1 theta, the engine's decay direction for M = D)"
             )
+        if not (isinstance(temper, (int, float)) and 0 < temper <= 1):
+            raise ValueError(f"selector.temper must be in (0, 1], got {temper!r}")
+        if redundancy is not None and not (isinstance(redundancy, (int, float)) and redundancy >= 0):
+            raise ValueError(f"selector.redundancy must be null or a number >= 0, got {redundancy!r}")
+        if redundancy is not None and filter != "greedy":
+            raise ValueError("selector.redundancy sets the scale of filter=greedy's gain (set filter=greedy)")
         self.alpha, self.w_max, self.ridge, self.omp_tol = float(alpha), float(w_max), float(ridge), float(omp_tol)
+        self.min_gain, self.w_min, self.temper = float(min_gain), float(w_min), float(temper)
+        self.redundancy = None if redundancy is None else float(redundancy)
+        self.alpha_fit = bool(alpha_fit)
+        self._warned_plain = False
+        self._fit = np.zeros(2)  # running sums of (measured - first order) * Q and Q^2 (alpha_fit)
+        self._pending: tuple[float, float] | None = None  # this step's (first order, Q)
         self.warmup_steps = int(warmup_steps)
         m = "sgd" if geometry == "sgd" else ("adam" if metric == "D" else "adam2")
         aux = ("adam2",) if log_overlap_less and m != "adam2" else ()  # a diagnostic: one more metric per step
-        self.engine_needs = EngineNeeds(m, Product.B | Product.K | Product.Y2, aux_metrics=aux,
-                                        adam_q=self.adam_q if m != "sgd" or aux else "pool")
+        self.engine_needs = EngineNeeds(
+            m, Product.B | Product.K | Product.Y2, aux_metrics=aux, adam_q=self.adam_q if m != "sgd" or aux else "pool"
+        )
         self.log_overlap_less = bool(log_overlap_less)
 
     def needs(self, step: int) -> Needs:
@@ -135,8 +178,26 @@ class FTW(Selector):
         b1, lam, t = adam_constants(pool.optimizer)
         c, beta = (1 - b1) / (1 - b1 ** (t + 1)), b1 / (1 - b1 ** (t + 1))
         args = (pool.scores, indices, u, pool.lr * c, [beta / c, lam / c])
-        return {"fid_pred": adam_quadratic(*args, curvature=self.alpha),
-                "fid_pred_linear": adam_quadratic(*args, curvature=0.0)}
+        pred, lin = adam_quadratic(*args, curvature=self.alpha), adam_quadratic(*args, curvature=0.0)
+        self._pending = (lin, (pred - lin) / self.alpha)  # prediction = first order + alpha * Q
+        return {"fid_pred": pred, "fid_pred_linear": lin}
+
+    def observe(self, fid) -> None:
+        """`alpha_fit`: a running least-squares fit of measured = first order + alpha Q (half-life
+        ~35 steps), the curvature scale the run actually has."""
+        meas, pending, self._pending = fid.get("fid_meas"), self._pending, None
+        if self.alpha_fit and meas is not None and pending is not None and np.isfinite(meas):
+            lin, q = pending
+            self._fit = 0.98 * self._fit + np.array([(meas - lin) * q, q * q])
+
+    def current_alpha(self) -> float:
+        """`alpha`, or with `alpha_fit` the fitted curvature scale (clamped to [0.01, 100]; `alpha`
+        until a fit exists)."""
+        if not self.alpha_fit:
+            return self.alpha
+        if not self.fidelity:
+            raise ValueError("selector.alpha_fit fits alpha to measured changes: it needs diagnostics.fidelity=true")
+        return float(np.clip(self._fit[0] / self._fit[1], 1e-2, 1e2)) if self._fit[1] > 0 else self.alpha
 
     def problem(self, pool: Pool) -> tuple[np.ndarray, np.ndarray, float]:
         """`(K, b, y2)`; with `momentum_correction` the target is
@@ -146,30 +207,100 @@ class FTW(Selector):
         if not self.momentum_correction:
             return K, B[:, 0], float(s.y2)
         b1, lam, t = adam_constants(pool.optimizer)
-        coef = np.array([1.0 / self.alpha, -b1 / (1 - b1), -lam * (1 - b1 ** (t + 1)) / (1 - b1)])
+        coef = np.array([1.0 / self.current_alpha(), -b1 / (1 - b1), -lam * (1 - b1 ** (t + 1)) / (1 - b1)])
         return K, B @ coef, float(coef @ as_np(s.dir_gram) @ coef)
 
     def filter_and_weight(self, K, b, y2, k, valid) -> tuple[list[int], np.ndarray, dict]:
         """Stage 1 and 2 before normalisation: the support and its (unnormalised) weights."""
-        lam = ridge_lambda(K, self.ridge)
+        lam = ridge_lambda(K, self.ridge, self.ridge_mode)
         info: dict[str, float] = {}
         if self.filter == "omp":
-            res = omp(K, b, y2, k, lam, self.omp_tol, valid)
+            res = omp(K, b, y2, k, lam, self.omp_tol, valid, min_gain=self.min_gain, w_min=self.w_min, entry=self.entry)
             S, u = res.support, res.u
             info["omp_iters"] = float(res.iters)
+            info["omp_stop"] = float(STOPS.index(res.stop))
         else:
             if self.filter == "greedy":  # gain b_i - (alpha/k)(K_ii/2 + sum_{j in S} K_ij)
-                c = self.alpha / k
+                c = self.greedy_scale(K, b, k, valid)
                 S = greedy_interaction(b - 0.5 * c * np.diag(K), K, k, c, valid)[0]
+                info["greedy_scale"] = c
             else:
                 S = topk(b, k, valid=valid)
             u = np.ones(len(S))
             if self.weights == "nnls" and S:
-                u = nnls_gram(K[np.ix_(S, S)] + lam * np.eye(len(S)), b[S])
+                u = nnls_gram(ridged(K, S, lam), b[S])
+        if self.weights == "nnls":
+            S, u = [i for i, x in zip(S, u) if x > 0], u[u > 0]
+            S, u = prune_small(K, b, lam, S, u, self.w_min)
         if self.weights == "uniform":
             u = np.ones(len(S))
         keep = u > 0
-        return [i for i, kept in zip(S, keep) if kept], u[keep], info
+        return [i for i, kept in zip(S, keep) if kept], u[keep] ** self.temper, info
+
+    def plain_only(self, pool: Pool) -> bool:
+        """`clip_q` alone degrades to the engine's own products where they cannot be re-formed
+        (sketched or token-Gram gradients), with one warning; `self_q` and `objective=step` refuse."""
+        why = AdamRegram.unsupported(getattr(pool, "engine", None))
+        if why is None or self.self_q or self.objective == "step":
+            return False
+        if not self._warned_plain:
+            log.warning("selector.clip_q=%s is off for this run (re-forming the products: %s)", self.clip_q, why)
+            self._warned_plain = True
+        return True
+
+    def step_consistent(self, pool: Pool, problem, valid):
+        """Choose in the metric of the step AdamW will take (fwsel.selectors.adam_step): `clip_q=prev`
+        scales q by the previous step's squared clip factor; `fixed_point` chooses, takes the chosen
+        update's own factor and re-solves once; `self_q` passes re-solve under the chosen update's own
+        second moment. Each re-solve is one more Gram."""
+        k = pool.k
+        rg = AdamRegram(getattr(pool, "engine", None), pool.optimizer, k)
+        max_norm = getattr(pool, "max_norm", None)
+        K2 = rg.l2_gram() if self.objective == "step" else None
+        if K2 is not None and max_norm is None:
+            raise ValueError("selector.objective=step models the clipped step: it needs optim.max_grad_norm")
+
+        def solve(K, b, y2):
+            if K2 is None:
+                return self.filter_and_weight(K, b, y2, k, valid)
+            info = {}
+
+            def fit(A):
+                S, x, d = self.filter_and_weight(A, b, y2 * self.current_alpha(), k, valid)
+                info.update(d)
+                return S, x
+
+            S, x, mu = clipped_step(K, K2, b, max_norm, self.current_alpha(), fit)
+            info["step_mu"] = mu
+            return S, x, info
+
+        c = 1.0
+        if self.clip_q == "prev":
+            c = float(getattr(pool, "clip_prev", 1.0))
+            problem = rg.products(c * c * rg.q_pool)
+        S, u, diag = solve(*problem)
+        passes = ["clip"] * (self.clip_q == "fixed_point") + ["self"] * self.self_q
+        for kind in passes:
+            if not S:
+                break
+            g_hat = rg.update(S, normalise_and_cap(u, self.w_max)[0])
+            if self.clip_q != "none":
+                c = clip_factor(float(torch.linalg.vector_norm(g_hat)), max_norm)
+            problem = rg.products(c * c * (rg.q_pool if kind == "clip" else g_hat * g_hat))
+            S, u, diag = solve(*problem)
+        diag["clip_model"] = c
+        return S, u, diag, problem
+
+    def greedy_scale(self, K, b, k: int, valid) -> float:
+        """`alpha / k` of the greedy gain: fixed (`alpha`), or with `redundancy = r` set each step so
+        that on the top-k-by-b set T the predicted penalty `scale/2 1^T K_TT 1` is `r sum_T b_i`
+        (scale-free: the same ratio of redundancy to alignment at any gradient scale or LR)."""
+        if self.redundancy is None:
+            return self.current_alpha() / k
+        T = topk(b, k, valid=valid)
+        quad = float(K[np.ix_(T, T)].sum()) if T else 0.0
+        lin = float(np.clip(b[T], 0, None).sum()) if T else 0.0
+        return 2 * self.redundancy * lin / quad if quad > 0 and lin > 0 else 0.0
 
     def select(self, pool: Pool) -> Selection:
         if pool.step < self.warmup_steps:
@@ -180,7 +311,10 @@ class FTW(Selector):
         K, b, y2 = self.problem(pool)
         valid = candidates(s)
         align = np.divide(b, np.sqrt(np.diag(K)), out=np.full_like(b, -np.inf), where=valid)
-        S, u, diag = self.filter_and_weight(K, b, y2, k, valid)
+        if self.clip_q == "none" and not self.self_q and self.objective == "match" or self.plain_only(pool):
+            S, u, diag = self.filter_and_weight(K, b, y2, k, valid)
+        else:
+            S, u, diag, (K, b, y2) = self.step_consistent(pool, (K, b, y2), valid)
         diag["n_eff"] = float(len(S))
         fallback = FALLBACK_NONE
         if not S:  # u = 0 is the optimum: no candidate has b_i > 0 (or none is usable)
@@ -205,6 +339,8 @@ class FTW(Selector):
             overlap_topk=overlap(S, topk(b, k, valid=valid)),
             warmup=0.0,
         )
+        if self.alpha_fit:
+            diag["alpha_fit"] = self.current_alpha()
         if s.poor_frac is not None:
             diag["poor_frac"] = float(s.poor_frac)
         less = self.less_ranking(s)
