@@ -128,12 +128,16 @@ def test_new_keys_validate():
         dict(redundancy=0.3),
         dict(clip_q="off"),
         dict(self_q=3),
-        dict(clip_q="prev", geometry="sgd"),
+        dict(self_q=1, geometry="sgd"),
+        dict(objective="step", adam_q="state"),
         dict(ridge_mode="x"),
         dict(w_min=-1),
     ):
         with pytest.raises(ValueError, match="selector"):
             FTW(name="f", **kw)
+    # the default clip_q=prev only scales q_pool: other geometries run without it
+    assert FTW(name="f").clip_q == "prev" and FTW(name="f", geometry="sgd").clip_q == "none"
+    assert FTW(name="f", adam_q="state").clip_q == FTW(name="f", momentum_correction=True).clip_q == "none"
 
 
 # ---- the re-formed metric against explicit per-sample gradients and METHOD section 4 ----
@@ -308,7 +312,7 @@ def test_clip_q_falls_back_where_products_cannot_be_reformed(caplog):
     """A sketch or token-Gram engine (here: none) keeps the engine's products for clip_q, with one
     warning; self_q and objective=step, asked for explicitly, refuse."""
     K, b, y2 = random_problem(1)
-    plain = select(FTW(name="f", log_overlap_less=False), K, b, y2)
+    plain = select(FTW(name="f", log_overlap_less=False, clip_q="none"), K, b, y2)
     sel = FTW(name="f", log_overlap_less=False, clip_q="prev")
     assert select(sel, K, b, y2).indices == plain.indices
     assert select(sel, K, b, y2).indices == plain.indices

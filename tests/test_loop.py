@@ -12,7 +12,7 @@ from fwsel.data.files import FileReader, IterStream
 
 # seed 0, default config (selector=ftw, tiny, budget 0.25, k = 8): the first five training losses.
 # A change here means the stream, the model init, the tokenizer or the default selector changed.
-PINNED = [4.624659686120111, 4.6662443662789705, 4.546194851928263, 4.425293980009414, 4.311838302498927]
+PINNED = [4.624659717106255, 4.669880022619746, 4.546756431987774, 4.424182326369124, 4.310483132609788]
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,7 @@ class FTW(Selector):
         w_min: float = 0.0,
         temper: float = 1.0,
         redundancy: float | None = None,
-        clip_q: str = "none",
+        clip_q: str = "prev",
         self_q: int = 0,
         objective: str = "match",
         entry: str = "cosine",
@@ -112,13 +112,14 @@ class FTW(Selector):
         self.entry = choice("entry", entry, ("cosine", "raw"))
         if self.objective == "step" and filter != "omp":
             raise ValueError("selector.objective=step solves the matching problem with filter=omp")
-        if (self.clip_q != "none" or self.self_q or self.objective == "step") and (
-            geometry != "adam" or metric != "D" or adam_q != "pool" or momentum_correction
-        ):
+        pool_D = geometry == "adam" and metric == "D" and adam_q == "pool" and not momentum_correction
+        if (self.self_q or self.objective == "step") and not pool_D:
             raise ValueError(
-                "selector.clip_q / self_q / objective=step re-form the adam metric D with adam_q=pool "
+                "selector.self_q / objective=step re-form the adam metric D with adam_q=pool "
                 "(geometry=adam, metric=D, no momentum_correction)"
             )
+        if not pool_D:  # clip_q (a default) models q_pool's clipping: nothing to scale in other geometries
+            self.clip_q = "none"
         self.empty_support = choice("empty_support", empty_support, ("topk", "skip"))
         self.momentum_correction = bool(momentum_correction)
         for key, val, lo in (
