@@ -45,7 +45,9 @@ def looks_local(name: str) -> bool:
 def offline() -> bool:
     from huggingface_hub import constants
 
-    return bool(constants.is_offline_mode()) if hasattr(constants, "is_offline_mode") else bool(constants.HF_HUB_OFFLINE)
+    if hasattr(constants, "is_offline_mode"):
+        return bool(constants.is_offline_mode())
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def cached(name: str, repo_type: str, revision=None) -> bool:

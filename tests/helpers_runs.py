@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import os
 import signal
+from pathlib import Path
 
 from fwsel.cli import main
 

@@ -10,6 +10,7 @@ from fwsel.data.collate import Collator
 from fwsel.data.files import FileReader, IterStream
 from fwsel.errors import ConfigError, DataError
 from fwsel.hub import set_pad_token
+
 from helpers_real import write_jsonl
 
 

@@ -9,6 +9,7 @@ import pytest
 from fwsel.data.files import FileReader, expand, read_record
 from fwsel.data.formats import ALPACA, to_row
 from fwsel.errors import ConfigError, DataError
+
 from helpers_real import write_jsonl
 
 RECORDS = [

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from fwsel.data import build_data, lookup_rows
 from fwsel.data.files import FileReader, IterStream
 from fwsel.errors import ConfigError
+
 from helpers_real import write_jsonl
 
 
@@ -94,15 +95,19 @@ def test_hf_local_dir_streams_deterministically_and_exports(tmp_path):
             "target_config": None, "shuffle_buffer": 8, "source_field": "subject"}
     a, b = build_data(cfg_for(data, seed=1)), build_data(cfg_for(data, seed=1))
     pa = a.stream.pool(2, 5)
-    assert ids(pa) == ids(b.stream.pool(0, 15))[10:] and ids(pa) != ids(build_data(cfg_for(data, seed=2)).stream.pool(2, 5))
+    assert ids(pa) == ids(b.stream.pool(0, 15))[10:]
+    assert ids(pa) != ids(build_data(cfg_for(data, seed=2)).stream.pool(2, 5))
     assert pa[0]["id"].startswith(f"{root}:train:") and pa[0]["source"] == "s" and "choices" in pa[0]
-    assert sorted(r["prompt"] for r in a.select + a.eval) == sorted(f"v{i}\nA. x\nB. y\nAnswer:" for i in range(12))
+    prompts = sorted(r["prompt"] for r in a.select + a.eval)
+    assert prompts == sorted(f"v{i}\nA. x\nB. y\nAnswer:" for i in range(12))
     assert lookup_rows(cfg_for(data, seed=1), ids(pa)) == pa
     from_stream = build_data(cfg_for(data, from_stream=6))  # wins over the default target split
-    assert sorted(r["id"] for r in from_stream.select + from_stream.eval) == sorted(f"{root}:train:{i}" for i in range(6))
+    from_ids = sorted(r["id"] for r in from_stream.select + from_stream.eval)
+    assert from_ids == sorted(f"{root}:train:{i}" for i in range(6))
     limited = build_data(cfg_for({**data, "target_limit": 6}))
     assert sorted(int(r["prompt"].split("\n")[0][1:]) for r in limited.select + limited.eval) == list(range(6))
-    with pytest.raises(ConfigError, match=r"cannot load dataset '.*nope'.*point at a local copy with data.name=/path/to/dir"):
+    nope = r"cannot load dataset '.*nope'.*point at a local copy with data.name=/path/to/dir"
+    with pytest.raises(ConfigError, match=nope):
         build_data(cfg_for({**data, "name": str(tmp_path / "nope")}))
     with pytest.raises(ConfigError, match=r"cannot load dataset 'no-such-org/no-such-set': HF_HUB_OFFLINE is set"):
         build_data(cfg_for({**data, "name": "no-such-org/no-such-set"}))

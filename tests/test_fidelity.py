@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from helpers_models import random_batch, tiny_model, with_lora
 
 from fwsel.fidelity import summarise
 from fwsel.grads import GradEngine
@@ -11,6 +10,8 @@ from fwsel.grads.loss import sequence_losses
 from fwsel.selectors.base import Pool
 from fwsel.selectors.ftw import FTW
 from fwsel.selectors.tracin import TracIn
+
+from helpers_models import random_batch, tiny_model, with_lora
 
 
 def _setup(opt_cls, lr, **opt_kw):

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from helpers_models import captured_params, random_batch
 from test_grads import trained
 
 from fwsel.grads.loss import sequence_losses
 from fwsel.grads.metric import adam_diag, group_of
+
+from helpers_models import captured_params, random_batch
 
 
 def _predicted(opt, params, grads, adam_q="taylor"):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from helpers_models import (captured_params, oracle_grads, oracle_metric, random_batch, tiny_model,
-                            with_lora)
 
 from fwsel.grads import GradEngine, sequence_losses
+
+from helpers_models import captured_params, oracle_grads, oracle_metric, random_batch, tiny_model, with_lora
 
 F64, F32 = torch.float64, torch.float32
 

@@ -4,12 +4,13 @@ import logging
 
 import pytest
 import torch
-from helpers_models import captured_params, oracle_grads, oracle_metric, random_batch, tiny_model, with_lora
 from test_grads import relerr
 from test_grads_update import IDX, W, assert_update_matches_autograd
 
 from fwsel.grads import GradEngine, sequence_losses
 from fwsel.grads.ghost import prefers_ghost, rank1
+
+from helpers_models import captured_params, oracle_grads, oracle_metric, random_batch, tiny_model, with_lora
 
 F64, F32 = torch.float64, torch.float32
 WIDE = dict(hidden_size=256, intermediate_size=512)  # T <= 8 rows: every Linear prefers the token Gram

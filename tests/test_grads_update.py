@@ -4,11 +4,12 @@ import copy
 
 import pytest
 import torch
-from helpers_models import captured_params, random_batch, tiny_model, with_lora
 from test_grads import relerr, trained
 
 from fwsel.grads import GradEngine, sequence_losses
 from fwsel.grads.loss import concat_batches, take_rows
+
+from helpers_models import captured_params, random_batch, tiny_model, with_lora
 
 F64 = torch.float64
 

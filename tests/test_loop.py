@@ -5,10 +5,11 @@ no state beyond the step)."""
 import json
 
 import pytest
-from helpers_runs import read_run, train, train_losses
 
 from fwsel.data import build_data
 from fwsel.data.files import FileReader, IterStream
+
+from helpers_runs import read_run, train, train_losses
 
 # seed 0, default config (selector=ftw, tiny, budget 0.25, k = 8): the first five training losses.
 # A change here means the stream, the model init, the tokenizer or the default selector changed.

@@ -14,6 +14,7 @@ from fwsel.errors import ConfigError
 from fwsel.evaluate import evaluate
 from fwsel.hub import save_model
 from fwsel.modeling import build_model
+
 from helpers_real import hf_cfg, write_jsonl
 
 CPU = torch.device("cpu")

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from fwsel.cli import main
+
 from helpers_real import write_jsonl
 
 LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)  # > 64 tokens: cut to max_position_embeddings
@@ -92,8 +93,8 @@ def test_train_qwen_target_from_stream(tiny_ckpts, files, tmp_path, capsys):
 
 
 def test_long_row_is_cut_to_max_position_embeddings(tiny_ckpts, files, tmp_path, capsys):
-    train = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "q", "response": " a b"}, {"prompt": LONG, "response": " end"},
-                                                  {"text": LONG}] + [{"prompt": "q", "response": " a"}] * 3)
+    rows = [{"prompt": "q", "response": " a b"}, {"prompt": LONG, "response": " end"}, {"text": LONG}]
+    train = write_jsonl(tmp_path / "long.jsonl", rows + [{"prompt": "q", "response": " a"}] * 3)
     run = tmp_path / "run"
     code, text = run_cli(["model=hf", f"model.name_or_path={tiny_ckpts['llama']}", "data=jsonl", "selector=random",
                           "save_model=false", "lora.enabled=false",
@@ -119,7 +120,8 @@ def test_train_data_hf_local_dir(tiny_ckpts, tmp_path, capsys):
 
 
 def compose(overrides):
-    from hydra import compose as hcompose, initialize_config_module
+    from hydra import compose as hcompose
+    from hydra import initialize_config_module
     from omegaconf import OmegaConf
 
     with initialize_config_module("fwsel.conf", version_base="1.3"):
@@ -138,7 +140,8 @@ def test_model_groups_and_validation():
     assert llama["save_model"] and not compose([])["save_model"] and not compose([])["lora"]["enabled"]
     qwen = compose(["model=qwen", "data=hf", "data.name=cais/mmlu", "data.config=all"])
     assert qwen["model"]["name_or_path"] == "Qwen/Qwen3-0.6B" and qwen["save_model"]
-    assert qwen["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert qwen["lora"]["target_modules"] == projections
     assert qwen["data"]["target_config"] == "all"
     assert compose(["model=hf", "model.name_or_path=x"])["lora"]["target_modules"] == "all-linear"
     for cfg in (llama, qwen, compose(["model=hf", "model.name_or_path=x", "data=jsonl", "data.files=a.jsonl"])):

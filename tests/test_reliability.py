@@ -9,10 +9,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers_runs import FAST, metric_rows, patch_model, run_cli, summary, text
 
 from fwsel.loop import Trainer
 from fwsel.rng import torch_gen
+
+from helpers_runs import FAST, metric_rows, patch_model, run_cli, summary, text
 
 K, N = 4, 16  # FAST: batch_size 4, budget 0.25
 

@@ -7,9 +7,10 @@ import shutil
 import signal
 
 import pytest
-from helpers_runs import FAST, metric_rows, run_cli, signal_after, summary, text
 
 from fwsel.checkpoint import verify
+
+from helpers_runs import FAST, metric_rows, run_cli, signal_after, summary, text
 
 ARGS = [*FAST, "selector=ftw", "steps=14", "eval_every=4", "checkpoint_every=5"]
 CUT = 7  # SIGINT arrives during step 7: checkpoints step-5 and step-7 remain

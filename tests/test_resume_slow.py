@@ -8,9 +8,10 @@ import sys
 import time
 
 import pytest
-from helpers_runs import metric_rows, summary, text
 
 from fwsel.checkpoint import verify
+
+from helpers_runs import metric_rows, summary, text
 
 pytestmark = pytest.mark.slow
 

@@ -4,8 +4,9 @@ import collections
 from pathlib import Path
 
 import pytest
-from helpers_runs import train
 from scipy.stats import binomtest
+
+from helpers_runs import train
 
 SELECTORS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "selector").glob("*.yaml"))
 SHORT = ["steps=6", "eval_every=3", "target.eval_size=16"]
