@@ -78,7 +78,8 @@ def test_two_ranks_select_and_train_as_one_process(one, tmp_path):
     assert_same_run(one, run_dir)
     assert files(run_dir) == files(one)  # rank 1 wrote nothing of its own: no second log or .hydra/
     assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
-    assert out.count(f"{run_dir}\n") == 1  # only rank 0 prints the run dir
+    assert out.splitlines().count(str(run_dir)) == 1  # only rank 0 prints the run dir
+    assert out.count("done: status ok") == 1  # and only rank 0 logs the final line
 
 
 def test_a_failing_rank_stops_the_job_and_resume_continues_it(one, tmp_path):
