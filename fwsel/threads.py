@@ -2,11 +2,16 @@
 
 On a small machine that other work shares, OpenMP's default busy-waiting threads fight a
 busy core for every parallel region: a 2-core run with one core taken was ~30x slower per
-step than one thread. So `fwsel train` sets, unless the user already did:
+step than one thread. Passive waiting avoids that but costs ~1.8x per step on an idle
+machine at the tiny default size (idle threads sleep, and waking them is slow). So
+`fwsel train` sets, unless the user already did:
 
-* `OMP_WAIT_POLICY=PASSIVE`: idle OpenMP threads sleep instead of spinning;
 * `OMP_NUM_THREADS` = the cores this process may use (`os.sched_getaffinity`) minus the
-  other runnable tasks at start-up (`/proc/loadavg`), at least 1.
+  other runnable tasks at start-up (`/proc/loadavg`), at least 1: no thread starts on a
+  core that is already busy;
+* `OMP_WAIT_POLICY=PASSIVE` only when the thread count exceeds those free cores (an explicit
+  `threads=N` on a busy machine); otherwise OpenMP's default, the fast one when the threads
+  have their cores.
 
 The `threads=N` override (or `FWSEL_THREADS=N`) wins over the guess, and `resume=<dir>` reuses
 the thread count that run recorded; an `OMP_NUM_THREADS` already in the environment is kept
@@ -75,12 +80,13 @@ def requested_in(args: list[str]) -> str | None:
 def configure(args: list[str], env=os.environ) -> dict:
     """Set the environment for this process's OpenMP before torch loads; returns what was set."""
     out = {}
-    if "OMP_WAIT_POLICY" not in env:
-        out["OMP_WAIT_POLICY"] = "PASSIVE"
     req = requested_in(args)
     explicit = bool(_values(args, "threads") or os.environ.get("FWSEL_THREADS"))
     if (explicit and req not in (None, "auto", "")) or "OMP_NUM_THREADS" not in env:  # else the user's env stands
         out["OMP_NUM_THREADS"] = str(choose(req))
+    n = out.get("OMP_NUM_THREADS", env.get("OMP_NUM_THREADS", ""))
+    if "OMP_WAIT_POLICY" not in env and n.isdigit() and int(n) > choose(None):  # more threads than free cores
+        out["OMP_WAIT_POLICY"] = "PASSIVE"
     env.update(out)
     return out
 

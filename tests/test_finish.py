@@ -116,10 +116,19 @@ def test_every_readme_command_uses_declared_keys():
 
 
 # ---------------------------------------------------------------- threads
-def test_threads_respect_the_user_and_default_to_passive():
+def test_threads_respect_the_user_and_wait_passively_only_when_oversubscribed(monkeypatch):
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0)
     env = {}
-    threads.configure([], env)
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and 1 <= int(env["OMP_NUM_THREADS"]) <= threads.usable_cores()
+    threads.configure([], env)  # idle: every core, OpenMP's default (fast) waiting
+    assert env == {"OMP_NUM_THREADS": "2"}
+    monkeypatch.setattr(threads, "busy_cores", lambda: 1)
+    env = {}
+    threads.configure([], env)  # one core busy: one thread, nothing to wait for
+    assert env == {"OMP_NUM_THREADS": "1"}
+    env = {}
+    threads.configure(["threads=2"], env)  # more threads than free cores: they must not spin
+    assert env == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
     env = {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
     assert threads.configure([], env) == {} and env["OMP_NUM_THREADS"] == "3"  # the user's choice stands
     env = {"OMP_NUM_THREADS": "3"}
