@@ -242,7 +242,9 @@ class Trainer:
         a no-grad forward over the pool; none: nothing (every row counts as finite)."""
         if need is Needs.GRADS:
             target = self.batch(self.target_rows(t))
-            scores = self.get_engine().score(self.batch(rows), target, extra_dirs=self.selector.extra_dirs(t), k=self.k)
+            q_scale = self.totals.get("clip_prev", 1.0) ** 2 if self.selector.engine_needs.clip_q else 1.0
+            scores = self.get_engine().score(self.batch(rows), target, extra_dirs=self.selector.extra_dirs(t), k=self.k,
+                                             q_scale=q_scale)
             return Scored(target, scores, finite=scores.finite.cpu().numpy().astype(bool))
         if need is Needs.LOSSES:
             with torch.no_grad():

@@ -176,6 +176,10 @@ def test_regram_matches_the_engine_and_an_explicit_oracle(stepped):
         D = oracle_metric(opt, params, G * c, "adam", k=4)  # q scales with c^2 when every g_i does
         np.testing.assert_allclose(K2, (G * D) @ G.T, rtol=1e-8, atol=1e-12)
         np.testing.assert_allclose(b2_, (G * D) @ GT.mean(0), rtol=1e-8, atol=1e-12)
+        clipped = eng.score(pool, target, k=4, q_scale=c * c)  # clip_q=prev: the engine scales q itself
+        np.testing.assert_allclose(clipped.K.numpy(), (G * D) @ G.T, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(clipped.b[:, 0].numpy(), (G * D) @ GT.mean(0), rtol=1e-8, atol=1e-12)
+        rg = AdamRegram(eng, opt, 4)  # the rows of the last scoring pass
         w = np.array([2.0, 0.5, 1.5])
         np.testing.assert_allclose(
             rg.update([1, 4, 7], w).numpy(), (torch.tensor(w) @ G[[1, 4, 7]]).numpy() / 3, rtol=1e-10, atol=1e-14
@@ -309,14 +313,17 @@ def test_raw_entry_takes_the_largest_residual_correlation_first():
 
 
 def test_clip_q_falls_back_where_products_cannot_be_reformed(caplog):
-    """A sketch or token-Gram engine (here: none) keeps the engine's products for clip_q, with one
-    warning; self_q and objective=step, asked for explicitly, refuse."""
+    """A sketch or token-Gram engine (here: none) keeps the engine's products for clip_q=fixed_point,
+    with one warning (clip_q=prev needs no re-forming: the engine scales q while scoring); self_q and
+    objective=step, asked for explicitly, refuse."""
     K, b, y2 = random_problem(1)
     plain = select(FTW(name="f", log_overlap_less=False, clip_q="none"), K, b, y2)
-    sel = FTW(name="f", log_overlap_less=False, clip_q="prev")
+    assert select(FTW(name="f", log_overlap_less=False, clip_q="prev"), K, b, y2).indices == plain.indices
+    sel = FTW(name="f", log_overlap_less=False, clip_q="fixed_point")
     assert select(sel, K, b, y2).indices == plain.indices
     assert select(sel, K, b, y2).indices == plain.indices
-    assert sum("clip_q=prev is off" in r.getMessage() for r in caplog.records) == 1
+    assert sum("clip_q=fixed_point is off" in r.getMessage() for r in caplog.records) == 1
+    assert not any("clip_q=prev" in r.getMessage() for r in caplog.records)
     for kw in (dict(self_q=1), dict(objective="step")):
         with pytest.raises(ValueError, match="per-sample gradients"):
             select(FTW(name="f", log_overlap_less=False, **kw), K, b, y2)

@@ -64,12 +64,12 @@ class ShardedEngine(GradEngine):
     def metrics(self) -> tuple:
         return (self.metric, *[a for a in self.aux_metrics if a != self.metric])
 
-    def score(self, pool_batch: dict, target_batch: dict, extra_dirs=(), k=None) -> Scores:
+    def score(self, pool_batch: dict, target_batch: dict, extra_dirs=(), k=None, q_scale=1.0) -> Scores:
         n, v = pool_batch["input_ids"].shape[0], target_batch["input_ids"].shape[0]
         ps, ts = self.comm.shard(n), self.comm.shard(v)
         self._sizes, self._k, self._dirs = (n, v, ps), k, tuple(extra_dirs)
         local = {key: val[ps] for key, val in pool_batch.items()}
-        scores = super().score(local, {key: val[ts] for key, val in target_batch.items()}, extra_dirs, k)
+        scores = super().score(local, {key: val[ts] for key, val in target_batch.items()}, extra_dirs, k, q_scale)
         self._global_finite = scores.finite.clone()
         scores.n_tokens = (pool_batch["labels"][:, 1:] != -100).sum(1).cpu()  # every rank's rows
         # the update's weighted backward (parameters outside the buffer) runs over this rank's rows
@@ -84,7 +84,7 @@ class ShardedEngine(GradEngine):
         if self.proj is not None:
             feats, self._dir_feats, self._poor = project.features(
                 self.proj, self.comm, self.optimizer, self.cap.blocks, local, losses, n_loc, self._k, self._dirs,
-                metrics=self.metrics(), adam_q=self.adam_q)
+                metrics=self.metrics(), adam_q=self.adam_q, q_scale=self._q_scale)
         c = self.comm
         rows = torch.cat([c.gather_rows(feats[:n_loc], n), c.gather_rows(feats[n_loc:], v)])
         return n, torch.cat([c.gather_rows(losses[:n_loc], n), c.gather_rows(losses[n_loc:], v)]), rows

@@ -190,6 +190,7 @@ class GradEngine:
         self._pool: dict | None = None  # the scored pool rows, kept for the fallback backward
         self._rows: torch.Tensor | None = None  # [N + v, .] rows the products read (cap.buf, or gathered)
         self._finite: torch.Tensor | None = None
+        self._q_scale = 1.0  # score()'s factor on pool q
         self._ghost: dict = {}  # id(site) -> GhostOps of the last scoring pass
         self._warned = False
         self._spare: torch.Tensor | None = None  # CPU scratch of the products (see `_scratch`)
@@ -221,13 +222,15 @@ class GradEngine:
         return out
 
     # ------------------------------------------------------------------ scoring
-    def score(self, pool_batch: dict, target_batch: dict, extra_dirs=(), k=None) -> Scores:
-        """One forward and one backward over pool + target rows; products in float64."""
+    def score(self, pool_batch: dict, target_batch: dict, extra_dirs=(), k=None, q_scale=1.0) -> Scores:
+        """One forward and one backward over pool + target rows; products in float64. `q_scale`
+        multiplies pool q (adam_q=pool): the coming step's squared clip factor, when known."""
         bad = [d for d in extra_dirs if d not in DIRS]
         if bad:
             raise ValueError(f"unknown extra_dirs {bad}; known: {DIRS}")
         check_peft(self.model, self._lora)
         self._free()
+        self._q_scale = float(q_scale)
         batch = concat_batches(pool_batch, target_batch)
         n = pool_batch["input_ids"].shape[0]
         rows = batch["input_ids"].shape[0]
@@ -337,6 +340,8 @@ class GradEngine:
             return diag
         q_name = self.adam_q if blocks[0].ghost is None else self.ghost_q
         q = pool_q(ops.Gp, n_bad, k_eff, self._scratch(ops.Gp.shape)) if q_name == "pool" else None
+        if q is not None and self._q_scale != 1.0:
+            q.mul_(self._q_scale)
         params = [b.param for b in blocks]
         diag["adam"], poor = adam_diag_run(params, self.optimizer, groups, gT, q_name, q)
         acc.poor.append(torch.as_tensor(poor).to(acc.device))

@@ -37,6 +37,7 @@ class EngineNeeds:
     products: Product = Product.all()
     aux_metrics: tuple = ()  # other metrics whose b, sq_norms and y2 are also returned (Scores.aux)
     adam_q: str = "pool"  # frozen second moment of the adam metrics: pool | state | taylor
+    clip_q: bool = False  # scale pool q by the previous step's squared clip factor (score's q_scale)
 
     def __post_init__(self) -> None:
         for m in (self.metric, *self.aux_metrics):

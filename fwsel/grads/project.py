@@ -116,7 +116,7 @@ class Projector:
 
 
 def features(proj, comm, opt, blocks, local: torch.Tensor, losses: torch.Tensor, n_loc: int, k, dirs, *,
-             metrics: tuple, adam_q: str):
+             metrics: tuple, adam_q: str, q_scale: float = 1.0):
     """This rank's projected rows `[rows, dim * n_metrics]` (non-finite rows: NaN), the extra
     directions' features (main metric `metrics[0]`), and Adam's poor fraction.
 
@@ -137,7 +137,7 @@ def features(proj, comm, opt, blocks, local: torch.Tensor, losses: torch.Tensor,
         for j, blk in enumerate(blocks):
             if adam_q == "pool":
                 s1, s2 = stats[blk.start : blk.end], stats[P + blk.start : P + blk.end]
-                D[j], pj = adam_diag(blk.param, opt, groups, s1, "pool", summed_pool_q(s1, s2, nf, k_eff))
+                D[j], pj = adam_diag(blk.param, opt, groups, s1, "pool", q_scale * summed_pool_q(s1, s2, nf, k_eff))
             else:  # state | taylor: D from the optimizer state alone
                 D[j], pj = adam_diag(blk.param, opt, groups, local[0, blk.start : blk.end], adam_q)
             poor, coords = poor + int(pj), coords + D[j].numel()

@@ -155,7 +155,8 @@ class FTW(Selector):
         m = "sgd" if geometry == "sgd" else ("adam" if metric == "D" else "adam2")
         aux = ("adam2",) if log_overlap_less and m != "adam2" else ()  # a diagnostic: one more metric per step
         self.engine_needs = EngineNeeds(
-            m, Product.B | Product.K | Product.Y2, aux_metrics=aux, adam_q=self.adam_q if m != "sgd" or aux else "pool"
+            m, Product.B | Product.K | Product.Y2, aux_metrics=aux, adam_q=self.adam_q if m != "sgd" or aux else "pool",
+            clip_q=self.clip_q == "prev",  # the engine scales pool q by the previous clip factor: no second Gram
         )
         self.log_overlap_less = bool(log_overlap_less)
 
@@ -239,8 +240,9 @@ class FTW(Selector):
         return [i for i, kept in zip(S, keep) if kept], u[keep] ** self.temper, info
 
     def plain_only(self, pool: Pool) -> bool:
-        """`clip_q` alone degrades to the engine's own products where they cannot be re-formed
-        (sketched or token-Gram gradients), with one warning; `self_q` and `objective=step` refuse."""
+        """`clip_q=fixed_point` alone degrades to the engine's own products where they cannot be
+        re-formed (sketched or token-Gram gradients), with one warning; `self_q` and `objective=step`
+        refuse. (`clip_q=prev` needs no re-forming: the engine scales pool q while scoring.)"""
         why = AdamRegram.unsupported(getattr(pool, "engine", None))
         if why is None or self.self_q or self.objective == "step":
             return False
@@ -275,10 +277,7 @@ class FTW(Selector):
             info["step_mu"] = mu
             return S, x, info
 
-        c = 1.0
-        if self.clip_q == "prev":
-            c = float(getattr(pool, "clip_prev", 1.0))
-            problem = rg.products(c * c * rg.q_pool)
+        c = float(getattr(pool, "clip_prev", 1.0)) if self.clip_q == "prev" else 1.0  # the engine applied it
         S, u, diag = solve(*problem)
         passes = ["clip"] * (self.clip_q == "fixed_point") + ["self"] * self.self_q
         for kind in passes:
@@ -312,8 +311,10 @@ class FTW(Selector):
         K, b, y2 = self.problem(pool)
         valid = candidates(s)
         align = np.divide(b, np.sqrt(np.diag(K)), out=np.full_like(b, -np.inf), where=valid)
-        if self.clip_q == "none" and not self.self_q and self.objective == "match" or self.plain_only(pool):
+        if self.clip_q != "fixed_point" and not self.self_q and self.objective == "match" or self.plain_only(pool):
             S, u, diag = self.filter_and_weight(K, b, y2, k, valid)
+            if self.clip_q == "prev":
+                diag["clip_model"] = float(getattr(pool, "clip_prev", 1.0))
         else:
             S, u, diag, (K, b, y2) = self.step_consistent(pool, (K, b, y2), valid)
         diag["n_eff"] = float(len(S))
