@@ -36,6 +36,7 @@ from fwsel.grads.prefilter import head_alignment
 from fwsel.modeling import build_model
 from fwsel.rng import int_seed, np_rng, torch_gen
 from fwsel.schedule import build_optimizer
+from fwsel.selectors.adam_step import CLIP_EPS, clip_factor
 from fwsel.selectors.base import Needs, Pool, Product
 
 log = logging.getLogger("fwsel")
@@ -87,7 +88,7 @@ def clip_update(params, norm: float, max_norm) -> float:
     Per-tensor `mul_` by a Python float: the exactly rounded product in every dtype
     (`clip_grads_with_norm_` would round the factor to bf16 first on bf16 gradients).
     """
-    coef = 1.0 if max_norm is None else min(1.0, float(max_norm) / (norm + 1e-6))
+    coef = clip_factor(norm, max_norm, CLIP_EPS)
     if coef < 1.0:
         for p in params:
             if p.grad is not None:

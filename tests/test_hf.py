@@ -308,3 +308,29 @@ def test_every_selector_config_runs_in_the_trainer(tmp_path):
         selective(tmp_path / name, rows, target, selector=name, max_steps=1).train()
         (step,) = read(tmp_path / name)
         assert 0 < len(step["ids"]) <= (8 if name == "full" else 2), name
+
+
+def test_a_non_finite_row_is_dropped_from_the_weighted_backward(tmp_path, monkeypatch):
+    """A row whose loss is NaN gets no zero weight (0 * NaN still poisons every gradient): the
+    forward is redone without it and the step stays finite."""
+    import fwsel.hf.trainer as hf_trainer
+
+    real, calls = hf_trainer.sequence_losses, []
+
+    def first_row_nan(model, batch, *a, **kw):
+        out = real(model, batch, *a, **kw)
+        calls.append(len(out.losses))
+        if len(calls) == 1:  # the first forward of the update: row 0's loss is NaN (in the graph)
+            poison = torch.ones_like(out.losses)
+            poison[0] = float("nan")
+            out.losses = out.losses * poison
+        return out
+
+    monkeypatch.setattr(hf_trainer, "sequence_losses", first_row_nan)
+    tr = selective(tmp_path, fixed_rows(16), selector="random", max_steps=1, per_device_train_batch_size=16,
+                   optim="sgd", max_grad_norm=0.0, learning_rate=0.1)
+    before = params(tr.model)
+    tr.train()
+    after = params(tr.model)
+    assert calls[:2] == [4, 3]  # the 4 chosen rows, then the 3 finite ones again
+    assert torch.isfinite(after).all() and not torch.equal(after, before)

@@ -185,9 +185,13 @@ class SelectionMixin:
             with self.accelerator.autocast():
                 out = sequence_losses(self.model, sub).losses
             c = coef[s : s + mb].to(out)
-            if not bool(torch.isfinite(out).all()):  # one NaN row would poison every weight's gradient
-                c = torch.where(torch.isfinite(out), c, torch.zeros_like(c))
-                out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+            fin = torch.isfinite(out)
+            if not bool(fin.all()):  # a zero weight does not help: 0 * NaN still poisons the backward
+                if not bool(fin.any()):
+                    continue
+                sub, c = take_rows(sub, fin.nonzero()[:, 0].to(dev)), c[fin]  # redo the forward without them
+                with self.accelerator.autocast():
+                    out = sequence_losses(self.model, sub).losses
             self.accelerator.backward((out * c).sum())
             total += float((out.detach() * c).sum())
         return total

@@ -82,11 +82,15 @@ class AdamRegram:
         return coef @ self.G[torch.as_tensor(S, dtype=torch.long, device=self.G.device)]
 
 
-def clip_factor(norm: float, max_norm) -> float:
-    """`min(1, max_norm / norm)` (1 without clipping)."""
-    if max_norm is None or not norm > 0:
+CLIP_EPS = 1e-6  # added to the norm, as torch.nn.utils.clip_grad_norm_ does
+
+
+def clip_factor(norm: float, max_norm, eps: float = 0.0) -> float:
+    """`min(1, max_norm / (norm + eps))` (1 without clipping): the loop's clip (eps = CLIP_EPS)
+    and ftw's model of it share this one formula."""
+    if max_norm is None or not norm + eps > 0:
         return 1.0
-    return float(min(1.0, float(max_norm) / float(norm)))
+    return float(min(1.0, float(max_norm) / (float(norm) + eps)))
 
 
 def clipped_step(K, K2, b, m: float, alpha: float, solve, iters: int = 30):

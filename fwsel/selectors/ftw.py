@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fwsel.selectors.adam_step import AdamRegram, clip_factor, clipped_step
+from fwsel.selectors.adam_step import CLIP_EPS, AdamRegram, clip_factor, clipped_step
 from fwsel.selectors.base import (
     EngineNeeds,
     Needs,
@@ -285,7 +285,7 @@ class FTW(Selector):
                 break
             g_hat = rg.update(S, normalise_and_cap(u, self.w_max)[0])
             if self.clip_q != "none":
-                c = clip_factor(float(torch.linalg.vector_norm(g_hat)), max_norm)
+                c = clip_factor(float(torch.linalg.vector_norm(g_hat)), max_norm, CLIP_EPS)
             problem = rg.products(c * c * (rg.q_pool if kind == "clip" else g_hat * g_hat))
             S, u, diag = solve(*problem)
         diag["clip_model"] = c
