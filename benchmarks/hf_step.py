@@ -21,14 +21,10 @@ import os
 import platform
 import statistics
 import string
-import sys
 import time
 
 import numpy as np
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 SIZES = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2),
          "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4)}
@@ -102,9 +98,9 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     import transformers
-    from hf_trainer import mixture
 
     from fwsel.data.tokenizer import char_tokenizer
+    from fwsel.hf.demo import mixture
 
     tok = char_tokenizer()
     train, target, _ = mixture(a.n * a.steps)

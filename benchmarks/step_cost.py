@@ -25,26 +25,6 @@ import time
 ARMS = ("full", "random", "tracin", "greats", "ftw")
 
 
-class NullWriter:
-    """What Trainer writes per step, dropped (the benchmark keeps only `sec_step`)."""
-
-    dir = None
-
-    def log_selection(self, *a, **k) -> None:
-        pass
-
-    def log_metrics(self, *a, **k) -> None:
-        pass
-
-    def update_summary(self, *a, **k) -> None:
-        pass
-
-
-class NullTracker:
-    def log(self, *a, **k) -> None:
-        pass
-
-
 def compose(arm: str, budget: float, steps: int, extra: list[str]):
     """The config of one arm: a selector name, optionally with its own overrides in brackets
     (`ftw[selector.prefilter_keep=0.25]`)."""
@@ -61,9 +41,11 @@ def one_run(arms, budgets, steps, skip, extra) -> dict:
     import logging
 
     from fwsel.loop import Trainer
+    from fwsel.outputs import RunWriter
+    from fwsel.tracking import NoTracker
 
     logging.getLogger("fwsel").setLevel(logging.ERROR)
-    trainers = {(a, b): Trainer(compose(a, b, steps, extra), NullWriter(), NullTracker())
+    trainers = {(a, b): Trainer(compose(a, b, steps, extra), RunWriter("", enabled=False), NoTracker())
                 for b in budgets for a in arms}
     secs = {key: [] for key in trainers}
     for t in range(steps):
