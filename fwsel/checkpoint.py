@@ -37,9 +37,7 @@ log = logging.getLogger("fwsel")
 FILES = ("weights.pt", "state.pt")
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-# Keys that may differ between a run and its resume (or a sweep's re-run): none changes the curve.
-RESUME_SAFE = ("tracker", "progress", "resume", "checkpoint_every", "checkpoint_keep", "max_bad_steps",
-               "save_model")
+# Hydra keys that may differ between a run and its resume (with fwsel.outputs.RESUME_SAFE).
 RESUME_SAFE_HYDRA = ("hydra.verbose", "hydra/job_logging", "hydra/hydra_logging", "hydra.job_logging",
                      "hydra.hydra_logging")
 

@@ -184,7 +184,8 @@ def resume_argv(rest: list[str]) -> list[str]:
     given = [a for a in rest if not a.startswith("-") and override_key(a) == "resume"]
     if not given:
         return rest
-    from fwsel.checkpoint import RESUME_SAFE, RESUME_SAFE_HYDRA  # torch: the threads are set by now
+    from fwsel.checkpoint import RESUME_SAFE_HYDRA  # torch: the threads are set by now
+    from fwsel.outputs import RESUME_SAFE
 
     run_dir = os.path.abspath(os.path.expanduser(given[-1].split("=", 1)[1].strip("'\"")))
     flags = [a for a in rest if a.startswith("-") or "=" not in a]

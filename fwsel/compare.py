@@ -29,7 +29,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fwsel.outputs import FINISHED, read_jsonl
+from fwsel.outputs import FINISHED, RESUME_SAFE, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,9 @@ BASELINE = "random"  # the arm whose final loss defines "steps to target"
 STATUSES = (*FINISHED, "failed", "interrupted", "running", "missing")
 LAST_EVALS = 3  # random's final loss = mean of its last this-many evals
 # keys that do not change the numbers compared (besides the table's own axes: selector, budget, seed)
-NOT_A_VARIANT = ("seed", "budget", "selector.name", "resume", "progress", "tracker", "checkpoint_every",
-                 "checkpoint_keep", "max_bad_steps", "save_model", "threads", "eval_samples", "device",
-                 "micro_batch_size", "loss_chunk_tokens", "engine.micro_batch_size", "engine.loss_chunk_tokens",
-                 "diagnostics")
+NOT_A_VARIANT = (*RESUME_SAFE, "seed", "budget", "selector.name", "threads", "eval_samples", "device",
+                 "micro_batch_size", "loss_chunk_tokens",  # top-level in run dirs written before the engine group
+                 "engine.micro_batch_size", "engine.loss_chunk_tokens", "diagnostics")
 
 
 class CompareError(Exception):

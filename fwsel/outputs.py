@@ -26,6 +26,9 @@ def _clean(v):
 
 FINISHED = ("ok", "exhausted")  # a job that ended by itself: its numbers count, re-running it changes nothing
 STATUSES = (*FINISHED, "failed", "interrupted", "running")  # what summary.json's `status` may say
+# keys that change neither the numbers nor the run's identity: resume may change them, compare ignores them
+RESUME_SAFE = ("tracker", "progress", "resume", "checkpoint_every", "checkpoint_keep", "max_bad_steps",
+               "save_model")
 
 
 def iter_jsonl(path, on_bad: str = "stop") -> Iterator[dict]:

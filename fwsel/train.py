@@ -243,7 +243,7 @@ def run(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
 # ---------------------------------------------------------------- a run dir seen again
 def changed_keys(old, new, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two plain config dicts (resume-safe keys aside)."""
-    from fwsel.checkpoint import RESUME_SAFE
+    from fwsel.outputs import RESUME_SAFE
 
     out = []
     for key in sorted(set(old) | set(new)):
