@@ -105,6 +105,11 @@ def overrides(args: list[str]) -> list[str]:
     return [a for a in args if not a.startswith("-") and "=" in a]
 
 
+def override_values(args: list[str], key: str) -> list[str]:
+    """The values given to `key` (any of `key=`, `+key=`, `++key=`), in order, outer quotes off."""
+    return [a.split("=", 1)[1].strip("'\"") for a in overrides(args) if override_key(a) == key]
+
+
 def _quote(path: str) -> str:
     """A path as an override value (Hydra's parser needs quotes around spaces, '=' and the like)."""
     return path if re.fullmatch(r"[\w/.:@+-]+", path) else "'" + path.replace("'", "\\'") + "'"
@@ -135,7 +140,7 @@ def check_selector_keys(args: list[str], dirs) -> None:
     from fwsel.errors import ConfigError
 
     given = [a for a in overrides(args) if not a.startswith("~") and override_key(a).startswith("selector.")]
-    chosen = [a.split("=", 1)[1] for a in overrides(args) if override_key(a) == "selector"]
+    chosen = override_values(args, "selector")
     options = chosen[-1].split(",") if chosen else [confdoc.defaults(dirs[0]).get("selector", "")]
     if not given or any(not o or "(" in o for o in options):  # choice(...) and the like: Hydra checks those
         return
@@ -164,7 +169,7 @@ def warn_unswept(args: list[str]) -> None:
     """An experiment that declares a sweep grid, run without -m, trains one job: say so in one line."""
     from fwsel import confdoc
 
-    chosen = [a.split("=", 1)[1] for a in overrides(args) if override_key(a) == "experiment"]
+    chosen = override_values(args, "experiment")
     path = confdoc.conf_dir() / "experiment" / f"{chosen[-1] if chosen else ''}.yaml"
     if chosen and not is_multirun(args) and path.is_file() and "sweeper:" in path.read_text(encoding="utf-8"):
         print(f"fwsel train: warning: experiment={chosen[-1]} is a sweep grid, but without -m only one job runs "
@@ -181,22 +186,22 @@ def resume_argv(rest: list[str]) -> list[str]:
 
     from fwsel.errors import FwselError
 
-    given = [a for a in rest if not a.startswith("-") and override_key(a) == "resume"]
+    given = override_values(rest, "resume")
     if not given:
         return rest
     from fwsel.checkpoint import RESUME_SAFE_HYDRA  # torch: the threads are set by now
     from fwsel.outputs import RESUME_SAFE
 
-    run_dir = os.path.abspath(os.path.expanduser(given[-1].split("=", 1)[1].strip("'\"")))
+    run_dir = os.path.abspath(os.path.expanduser(given[-1]))
     flags = [a for a in rest if a.startswith("-") or "=" not in a]
-    if "-m" in flags or "--multirun" in flags:
+    if is_multirun(flags):
         raise FwselError("resume= continues one run; to resume a sweep re-run its command with the same "
                          "hydra.sweep.dir")
     path = os.path.join(run_dir, ".hydra", "overrides.yaml")
     if not os.path.isfile(path):
         raise FwselError(f"resume={run_dir}: not a fwsel run dir (no .hydra/overrides.yaml)")
     saved = [str(o) for o in OmegaConf.to_container(OmegaConf.load(path)) if override_key(str(o)) != "resume"]
-    extras = [a for a in rest if a not in flags and a not in given]
+    extras = [a for a in rest if a not in flags and override_key(a) != "resume"]
     safe = lambda k: any(k == s or k.startswith(s + ".") for s in (*RESUME_SAFE, *RESUME_SAFE_HYDRA))  # noqa: E731
     bad = sorted({override_key(a) for a in extras if not safe(override_key(a)) and a not in saved})
     if bad:
@@ -214,9 +219,8 @@ def check_output_dir(args: list[str]) -> None:
     before Hydra writes into it."""
     from fwsel.errors import FwselError
 
-    multirun = "-m" in args or "--multirun" in args
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    vals = [a.split("=", 1)[1].strip("'\"") for a in args if not a.startswith("-") and override_key(a) == key]
+    multirun = is_multirun(args)
+    vals = override_values(args, "hydra.sweep.dir" if multirun else "hydra.run.dir")
     target = (vals[-1] if vals else "multirun" if multirun else "outputs").split("${", 1)[0] or "."
     probe = os.path.abspath(os.path.expanduser(target))
     while not os.path.exists(probe):
@@ -270,7 +274,7 @@ def run_dir_args(args: list[str], env=os.environ) -> list[str]:
     rank, world = env_world(env)
     if world <= 1:
         return args
-    multirun = "-m" in args or "--multirun" in args
+    multirun = is_multirun(args)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     if any(not a.startswith("-") and override_key(a) in (key, "resume") for a in args):
         return args
@@ -293,7 +297,7 @@ def rank_args(args: list[str], env=os.environ) -> list[str]:
     extra = ["hydra.output_subdir=null"]
     if not any(override_key(a) == "hydra/job_logging" for a in args):
         extra.append("hydra/job_logging=rich_console")
-    if "-m" in args or "--multirun" in args:
+    if is_multirun(args):
         extra.append("~hydra.callbacks.compare")  # rank 0 writes the sweep's table and curves
     return [*args, *extra]
 

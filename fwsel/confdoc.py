@@ -58,9 +58,9 @@ def header(path: Path) -> str:
 
 def searchpath(args: list[str]) -> list[Path]:
     """The existing `file://` dirs of a `hydra.searchpath=[...]` override (user-added options live there)."""
-    from fwsel.cli import override_key, overrides
+    from fwsel.cli import override_values
 
-    vals = [a.split("=", 1)[1] for a in overrides(args) if override_key(a) == "hydra.searchpath"]
+    vals = override_values(args, "hydra.searchpath")
     items = re.split(r"\s*,\s*", vals[-1].strip().strip("[]")) if vals else []
     dirs = [Path(i.strip("'\"")[len("file://"):]).expanduser() for i in items if i.strip("'\"").startswith("file://")]
     return [d for d in dirs if d.is_dir()]

@@ -53,9 +53,9 @@ def choose(requested=None) -> int:
 
 
 def _values(args: list[str], key: str) -> list[str]:
-    from fwsel.cli import override_key, overrides
+    from fwsel.cli import override_values
 
-    return [a.split("=", 1)[1].strip("'\"") for a in overrides(args) if override_key(a) == key]
+    return override_values(args, key)
 
 
 def requested_in(args: list[str]) -> str | None:
