@@ -238,7 +238,8 @@ def test_ftw_overlap_less_and_poor_frac():
     assert 0.0 < d["explained"] <= 1.0 and d["alpha_star"] > 0
     assert "overlap_less" not in ftw().select(pool(s, 6)).diagnostics  # a diagnostic: off by default
     assert ftw(log_overlap_less=True).engine_needs == EngineNeeds("adam", Product.B | Product.K | Product.Y2,
-                                                                  aux_metrics=("adam2",), adam_q="pool")
+                                                                  aux_metrics=("adam2",), adam_q="pool",
+                                                                  clip_q=True)  # the default clip_q=prev
     assert ftw(metric="D2").metric == "adam2" and ftw(geometry="sgd").engine_needs.aux_metrics == ()
 
 
