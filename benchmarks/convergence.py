@@ -41,7 +41,9 @@ RAW = DATA / "runs" / "suite"  # git-ignored job dirs
 BUDGETS = {"embedded": (0.25, 0.1), "shift": (0.25, 0.1)}  # the others: 0.25 only
 DEV_SEEDS, TEST_SEEDS = (100, 101, 102), (0, 1, 2, 3, 4)
 GREATS_SCALES = (10.0, 45.0, 150.0)  # 45 was best on the first version's dev seeds (upstream 1 ~ tracin there)
-ARMS = ("random", "source_oracle", "tracin", "full", "greats", "ftw")  # cheapest first
+ARMS = ("random", "source_oracle", "tracin", "full", "greats", "ftw_v1", "ftw")  # cheapest first
+# arms that are a selector plus overrides: ftw_v1 = ftw without its one v2 default change (clip_q=prev)
+ARM_OVERRIDES = {"ftw_v1": ["selector=ftw", "selector.name=ftw_v1", "selector.clip_q=none"]}
 RIVALS = ("greats", "tracin", "random")
 SOURCES = ("target", "related", "noisy", "irrelevant", "duplicate")
 KEEP = {"summary.json", "metrics.jsonl", "fwsel_config.yaml", "overrides.yaml"}
@@ -108,7 +110,8 @@ def run_test(m: str, arm: str, args, greats_scale: float) -> None:
     bs = (0.25,) if arm == "full" else budgets(m)
     extra = [f"selector.interaction_scale={greats_scale:g}"] if arm == "greats" else []
     extra += args.ftw_overrides if arm == "ftw" else []
-    fwsel_multirun(RAW / "test" / m, [*suite_overrides(m), f"selector={arm}", *extra,
+    sel = ARM_OVERRIDES.get(arm, [f"selector={arm}"])
+    fwsel_multirun(RAW / "test" / m, [*suite_overrides(m), *sel, *extra,
                                       "budget=" + ",".join(f"{b:g}" for b in bs), seeds(TEST_SEEDS), *common(args)],
                    args.n_jobs)
 
@@ -209,7 +212,7 @@ def report(mixtures, args, greats_scale: float, dev_table: list[str]) -> Path:
               + (f" (total {sum(wall.values()) / 60:.0f} min)" if wall else "")
               + ". Mixtures: `benchmarks/mixtures.py` (start: `scratch` = the tiny model's random init, `ckpt` = "
               "a checkpoint first trained on an unselected mix of every format). `ftw`: ftw's defaults (v2: "
-              "`selector.clip_q=prev`); `ftw v1`: the first version's code and defaults on the same pools."]
+              "`selector.clip_q=prev`); `ftw v1`: the same code with the first version's defaults (`selector.clip_q=none`)."]
     extra = {"Where ftw wins, where it does not, and why": SUITE_OUT / "analysis.md",
              "ftw options (paired, dev seeds) and the defaults chosen": SUITE_OUT / "ftw_options.md"}
     starts = {m: SUITE[m][1] for m in mixtures}
@@ -224,9 +227,9 @@ def main() -> None:
     p.add_argument("--phase", default="dev,test", help="dev (GREATS scale), test (the arms), or both")
     p.add_argument("--arms", default=",".join(ARMS), help="arms run on the test seeds")
     p.add_argument("--mixtures", default=",".join(SUITE))
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--eval-size", type=int, default=128, help="target eval rows (target.eval_size)")
+    p.add_argument("--eval-size", type=int, default=256, help="target eval rows (target.eval_size)")
     p.add_argument("--n-jobs", type=int, default=2)
     p.add_argument("--greats-scale", type=float, default=None, help="skip the dev choice and use this scale")
     p.add_argument("--ftw-overrides", nargs="*", default=[], help="extra overrides for the ftw arm")
