@@ -3,6 +3,7 @@
     python benchmarks/convergence.py --suite                  # everything: greats dev, test arms, report
     python benchmarks/convergence.py --suite --phase dev      # GREATS's interaction scale on dev seeds only
     python benchmarks/convergence.py --suite --arms ftw       # one arm on the test seeds (others kept)
+    python benchmarks/convergence.py --suite --phase prefilter  # ftw at budget 0.05, with and without the prefilter
     python benchmarks/convergence.py --report-only            # re-render REPORT.md from the committed CSVs
 
 The mixtures are `benchmarks/mixtures.py`'s SUITE. Dev seeds (100-102) decide options: here
@@ -43,6 +44,7 @@ DEV_SEEDS, TEST_SEEDS = (100, 101, 102), (0, 1, 2, 3, 4)
 GREATS_SCALES = (10.0, 45.0, 150.0)  # 45 was best on the first version's dev seeds (upstream 1 ~ tracin there)
 ARMS = ("random", "source_oracle", "tracin", "full", "greats", "ftw_v1", "ftw")  # cheapest first
 # arms that are a selector plus overrides: ftw_v1 = ftw without its one v2 default change (clip_q=prev)
+PREFILTER = (0.05, 0.25)  # (budget, selector.prefilter_keep): the cheap first stage against unfiltered ftw
 ARM_OVERRIDES = {"ftw_v1": ["selector=ftw", "selector.name=ftw_v1", "selector.clip_q=none"]}
 RIVALS = ("greats", "tracin", "random")
 SOURCES = ("target", "related", "noisy", "irrelevant", "duplicate")
@@ -114,6 +116,44 @@ def run_test(m: str, arm: str, args, greats_scale: float) -> None:
     fwsel_multirun(RAW / "test" / m, [*suite_overrides(m), *sel, *extra,
                                       "budget=" + ",".join(f"{b:g}" for b in bs), seeds(TEST_SEEDS), *common(args)],
                    args.n_jobs)
+
+
+def run_prefilter(m: str, args) -> None:
+    """ftw at budget 0.05 (N = 160) without and with `selector.prefilter_keep`, test seeds. A file
+    mixture holds 16000 rows, so it is read twice (`data.epochs=2`, reshuffled): 200 x 160 rows."""
+    budget, keep = PREFILTER
+    common_ov = [*suite_overrides(m), "selector=ftw", f"budget={budget:g}", seeds(TEST_SEEDS), *common(args),
+                 *(["data.epochs=2"] if SUITE[m][0] is not None else [])]
+    for extra in ([], ["selector.name=ftw_prefilter", f"selector.prefilter_keep={keep:g}"]):
+        fwsel_multirun(RAW / "prefilter" / m, [*common_ov, *extra], args.n_jobs)
+
+
+def prefilter_table(mixtures) -> list[str]:
+    """Per mixture: unfiltered vs prefiltered ftw, final loss, paired per-seed differences, training
+    seconds per step (each arm's own runs: not side by side; benchmarks/step_cost.py has that)."""
+    budget, keep = PREFILTER
+    out = [f"ftw at budget {budget:g} (N = 160 for k = 8) without and with `selector.prefilter_keep={keep:g}` "
+           f"(gradients for the best-aligned {keep:.0%} of the pool by the output head), test seeds "
+           f"{', '.join(map(str, TEST_SEEDS))}; final target loss mean, prefiltered minus unfiltered per seed "
+           "(negative = the prefilter is better), seconds of a training step (mean over the run; the arms ran "
+           "one after another, so this ratio is indicative: the interleaved one is in benchmarks/results/"
+           "step_cost.md).", "",
+           "| mixture | ftw | ftw + prefilter | per-seed differences | prefilter lower | s/step ftw | "
+           "s/step prefilter | ratio |",
+           "|---|---|---|---|---|---|---|---|"]
+    for m in mixtures:
+        jobs = {(j["selector"], j["seed"]): j for j in read_jobs(RAW / "prefilter" / m) if j["ok"]}
+        pairs = [(jobs[("ftw", s)], jobs[("ftw_prefilter", s)]) for s in TEST_SEEDS
+                 if ("ftw", s) in jobs and ("ftw_prefilter", s) in jobs]
+        if not pairs:
+            continue
+        d = [b["loss"] - a["loss"] for a, b in pairs]
+        sec = [statistics.fmean(j["sec_train"] / max(j["steps"], 1) for j in arm) for arm in zip(*pairs)]
+        out.append(f"| {m} | {statistics.fmean(a['loss'] for a, _ in pairs):.3f} | "
+                   f"{statistics.fmean(b['loss'] for _, b in pairs):.3f} | {' '.join(f'{x:+.3f}' for x in d)} | "
+                   f"{sum(x < 0 for x in d)}/{len(d)} | {sec[0] * 1e3:.0f} ms | {sec[1] * 1e3:.0f} ms | "
+                   f"{sec[1] / sec[0]:.2f} |")
+    return out
 
 
 # ---- per-job numbers (jobs.csv) -------------------------------------------------------------
@@ -212,8 +252,10 @@ def report(mixtures, args, greats_scale: float, dev_table: list[str]) -> Path:
               + (f" (total {sum(wall.values()) / 60:.0f} min)" if wall else "")
               + ". Mixtures: `benchmarks/mixtures.py` (start: `scratch` = the tiny model's random init, `ckpt` = "
               "a checkpoint first trained on an unselected mix of every format). `ftw`: ftw's defaults (v2: "
-              "`selector.clip_q=prev`); `ftw v1`: the same code with the first version's defaults (`selector.clip_q=none`)."]
+              "`selector.clip_q=prev`); `ftw v1`: the same code with the first version's defaults "
+              "(`selector.clip_q=none`)."]
     extra = {"Where ftw wins, where it does not, and why": SUITE_OUT / "analysis.md",
+             "The prefilter at budget 0.05": SUITE_OUT / "prefilter.md",
              "ftw options (paired, dev seeds) and the defaults chosen": SUITE_OUT / "ftw_options.md"}
     starts = {m: SUITE[m][1] for m in mixtures}
     out = RESULTS / "REPORT.md"
@@ -224,7 +266,8 @@ def report(mixtures, args, greats_scale: float, dev_table: list[str]) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description="fwsel benchmark suite")
     p.add_argument("--suite", action="store_true", help="run the suite (what is missing), then the report")
-    p.add_argument("--phase", default="dev,test", help="dev (GREATS scale), test (the arms), or both")
+    p.add_argument("--phase", default="dev,test,prefilter",
+                   help="comma list: dev (GREATS scale), test (the arms), prefilter (ftw at 0.05, with and without)")
     p.add_argument("--arms", default=",".join(ARMS), help="arms run on the test seeds")
     p.add_argument("--mixtures", default=",".join(SUITE))
     p.add_argument("--steps", type=int, default=200)
@@ -260,6 +303,13 @@ def main() -> None:
             summarise(m)
             wall_f.write_text(json.dumps({k: round(v, 1) for k, v in wall.items()}) + "\n")
             print(f"{m} done", flush=True)
+    if args.suite and "prefilter" in phases:
+        t = time.time()
+        for m in mixtures:
+            run_prefilter(m, args)
+        wall["prefilter"] = wall.get("prefilter", 0.0) + time.time() - t
+    if (RAW / "prefilter").is_dir():
+        (SUITE_OUT / "prefilter.md").write_text("\n".join(prefilter_table(list(SUITE))) + "\n")
     wall_f.write_text(json.dumps({k: round(v, 1) for k, v in wall.items()}) + "\n")
     print(report(mixtures, args, scale, dev_table))
 
