@@ -90,6 +90,14 @@ class Selector:
     def observe(self, fid: dict[str, float]) -> None:
         """The step's `fid_*` metrics once `fid_meas` is known (a selector may fit its model to them)."""
 
+    def state_dict(self) -> dict:
+        """What the selector carries from step to step (plain lists and numbers), for checkpoints:
+        empty for a selector whose choice is a function of the step's pool alone."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back what `state_dict` returned (on resume)."""
+
 
 def uniform(indices) -> Selection:
     idx = [int(i) for i in indices]
