@@ -34,6 +34,9 @@ def validate(cfg) -> None:
     _check(cfg.target.batch_size >= 1, f"target.batch_size must be >= 1, got {cfg.target.batch_size!r}")
     validate_engine(cfg.engine)
     build_selector(cfg.selector)
+    keep = cfg.selector.get("prefilter_keep")  # read by the loop (Trainer.shortlist), not by the selector
+    _check(keep is None or (isinstance(keep, (int, float)) and 0 < keep <= 1),
+           f"selector.prefilter_keep must be null or a fraction in (0, 1], got {keep!r}")
     _check(cfg.optim.schedule in SCHEDULES,
            f"optim.schedule must be one of {'|'.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
     _check(cfg.optim.max_grad_norm is None or float(cfg.optim.max_grad_norm) > 0,

@@ -155,9 +155,6 @@ class Trainer:
         self.seed = int(cfg.seed)
         if self.N < self.comm.world:
             raise FwselError(f"the pool (N={self.N}) is smaller than the number of ranks ({self.comm.world})")
-        keep = cfg.selector.get("prefilter_keep")
-        if keep is not None and not (isinstance(keep, (int, float)) and 0 < keep <= 1):
-            raise ConfigError(f"selector.prefilter_keep must be null or a fraction in (0, 1], got {keep!r}")
         self.data = build_data(cfg)
         self.steps = total_steps(cfg.steps, self.data.stream, self.N)  # steps=null: the data's epochs
         self.selector = build_selector(cfg.selector)
