@@ -151,17 +151,10 @@ def _load_job(summary_path: Path) -> Job:
 
 
 def _load_missing(run_dir: Path) -> Job:
-    """A job that has a saved config but never wrote summary.json."""
-    sel = budget = seed = None
-    try:
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-        sel, budget, seed = (OmegaConf.select(cfg, k, default=None) for k in ("selector.name", "budget", "seed"))
-    except Exception:  # an unreadable config still counts as a missing job
-        pass
-    return Job(run_dir, "missing", str(sel or "?"), budget, seed, error="no summary.json",
-               config=_load_config(run_dir))
+    """A job that has a saved config but never wrote summary.json (an unreadable config still counts)."""
+    config = _load_config(run_dir)
+    return Job(run_dir, "missing", str(config.get("selector.name") or "?"), config.get("budget"), config.get("seed"),
+               error="no summary.json", config=config)
 
 
 def _differing(jobs: list[Job], keys) -> list[str]:
