@@ -268,7 +268,7 @@ class SelectionMixin:
         os.makedirs(folder, exist_ok=True)
         state = {"selector": self.selector.name, "budget": self.budget, "seed": self.args.seed,
                  "step": self.state.global_step, "totals": dict(self.selection_totals), "sources": dict(self._sources),
-                 "selector_state": getattr(self.selector, "state_dict", dict)()}
+                 "selector_state": self.selector.state_dict()}
         name = STATE_FILE if rank == 0 else f"{STATE_FILE[:-5]}.rank{rank}.json"
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             json.dump(state, f)
@@ -305,8 +305,7 @@ class SelectionMixin:
                               f"budget={self.budget} seed={self.args.seed}")
         self.selection_totals = collections.Counter(state["totals"])
         self._sources = collections.Counter(state["sources"])
-        if callable(getattr(self.selector, "load_state_dict", None)):
-            self.selector.load_state_dict(state["selector_state"])
+        self.selector.load_state_dict(state.get("selector_state", {}))
 
 
 def selections(output_dir: str) -> list[dict]:
