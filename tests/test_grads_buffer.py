@@ -1,8 +1,11 @@
 """The per-sample buffer is reused between passes without a zero fill: whatever it held before
-(here NaN) never leaks into a pass, also for a captured Linear the forward never calls."""
+(here NaN) never leaks into a pass, also for a captured Linear the forward never calls. A row
+whose gradient holds a NaN while its loss is finite is found whichever way its finiteness is
+checked (before the products, or from its squared norm in sgd geometry)."""
 
 import pytest
 import torch
+from test_grads import trained
 from torch import nn
 
 from fwsel.grads import GradEngine, sequence_losses
@@ -36,3 +39,33 @@ def test_stale_buffer_contents_never_leak(kw):
         gs = torch.autograd.grad(losses[rows].sum(), params, retain_graph=True, allow_unused=True)
         flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, gs)])
         assert torch.allclose(ref[rows].sum(0), flat, rtol=1e-10, atol=1e-12)
+
+
+class Poisoned(GradEngine):
+    """Puts a NaN into pool row 2's per-sample gradient (its loss stays finite)."""
+
+    def _exchange(self, n, losses, rows):
+        rows[2, rows.shape[1] // 2] = float("nan")
+        return super()._exchange(n, losses, rows)
+
+
+@pytest.mark.parametrize("metric,products", [("sgd", ("b", "sq_norms")), ("sgd", ("b", "k")),
+                                             ("sgd", ("b", "k", "sq_norms")), ("adam", ("b", "k"))])
+def test_a_nan_gradient_row_is_dropped_and_the_others_are_untouched(metric, products):
+    model, opt = trained("full")
+    pool, target = random_batch(5, seed=7), random_batch(2, seed=8)
+    clean = GradEngine(model, opt, metric, products=products).score(pool, target)
+    engine = Poisoned(model, opt, metric, products=products)
+    sc = engine.score(pool, target)
+    keep = [0, 1, 3, 4]
+    assert sc.finite.tolist() == [True, True, False, True, True] and bool(clean.finite.all())
+    assert (sc.b[2] == 0).all() and (sc.sq_norms[2] == 0) and (engine.cap.buf[2] == 0).all()
+    if metric == "sgd":  # no pool statistic: the other rows' products are exactly the clean ones
+        assert torch.equal(sc.b[keep], clean.b[keep]) and torch.equal(sc.sq_norms[keep], clean.sq_norms[keep])
+    if sc.K is not None:
+        assert (sc.K[2] == 0).all() and (sc.K[:, 2] == 0).all() and torch.isfinite(sc.K).all()
+        if metric == "sgd":
+            assert torch.equal(sc.K[keep][:, keep], clean.K[keep][:, keep])
+    with pytest.warns(UserWarning, match="non-finite"):
+        engine.apply_update([1, 2], [1.0, 1.0])
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

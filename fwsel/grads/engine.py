@@ -159,6 +159,8 @@ class GradEngine:
     Built from the `engine:` config group by `fwsel.grads.dist.build_engine`.
     """
 
+    late_row_check = True  # see `_late_check` (off where the products see gathered or projected rows)
+
     def __init__(self, model, optimizer, metric="sgd", *, adam_q="pool", loss_chunk_tokens=4096,
                  micro_batch_size=None, aux_metrics=(), grad_path="auto", ghost_chunk_tokens=1024, products=None,
                  ghost_b="exact"):
@@ -252,7 +254,9 @@ class GradEngine:
                 losses[s : s + cap.mb_rows] = out.losses.detach().double().cpu()
         n, losses, buf = self._exchange(n, losses, cap.buf)  # seam: fwsel.grads.dist gathers every rank's rows
         self._rows = buf
-        finite = torch.isfinite(losses) & torch.isfinite(buf.sum(1)).cpu()  # a NaN/inf entry spoils the sum
+        finite = torch.isfinite(losses)
+        first = n if self._late_check() else 0  # pool rows: see `_late_check`
+        finite[first:] &= torch.isfinite(buf[first:].sum(1)).cpu()  # a NaN/inf entry spoils the sum
         facs = {i: cap.factors(cap.sites[i]) for i in sorted(ghost)}
         for i in ghost:  # the engine holds the factors from here on
             cap.sites[i].factors = []
@@ -322,7 +326,32 @@ class GradEngine:
             M = diag[self.metric]
             U = torch.stack([gT, *[self._direction(d, blocks, gT, M) for d in dirs]])
             acc.add(ops, U, diag, self.metric)
+        if self._late_check():
+            self._drop_late(acc, finite, n)
         return acc.scores(finite[:n].clone(), self._ghost_info(self._adam))
+
+    def _late_check(self) -> bool:
+        """Whether the pool rows' finiteness comes from their squared norms (diag K or `sq_norms`,
+        formed anyway) instead of a pass over the buffer before the products: a NaN/inf entry makes
+        the row's squared norm non-finite, and in sgd geometry no statistic mixes pool rows, so
+        such a row spoils only its own products, which are then zeroed (`_drop_late`)."""
+        return self.late_row_check and not self._adam and bool({"k", "sq_norms"} & self.products)
+
+    def _drop_late(self, acc, finite, n: int) -> None:
+        """Pool rows whose squared norm is not finite: not finite, their products and buffer rows zero."""
+        sq = acc.K.diagonal() if acc.K is not None else acc.sq
+        bad = ~torch.isfinite(sq)
+        if not bool(bad.any()):
+            return
+        finite[:n] &= ~bad.cpu()
+        if acc.K is not None:
+            acc.K[bad], acc.K[:, bad] = 0, 0
+        else:
+            acc.sq[bad] = 0
+        acc.B[bad] = 0
+        for out in acc.aux.values():
+            out["b"][bad], out["sq_norms"][bad] = 0, 0
+        self._rows[:n][bad.to(self._rows.device)] = 0
 
     def _gram_gives_b(self, acc, dirs) -> bool:
         """On a token-Gram layer, take `b` and `y2` from its Gram with the target rows (no `g_T`, no
@@ -395,7 +424,7 @@ class GradEngine:
         try:
             if idx.numel():
                 coef = w / idx.numel()
-                gsum = coef.to(buf) @ buf[idx.to(buf.device)]
+                gsum = self._row_sum(buf, idx.tolist(), coef.to(buf).tolist())
                 row_coef = torch.zeros(buf.shape[0], dtype=buf.dtype, device=buf.device)
                 row_coef.index_add_(0, idx.to(buf.device), coef.to(buf))  # token-Gram layers: E_S^T diag(w) X_S
                 for blk in self.cap.blocks:
@@ -409,6 +438,15 @@ class GradEngine:
                     self._fallback_backward(idx, coef)
         finally:
             self._free()
+
+    @staticmethod
+    def _row_sum(buf, rows: list, coef: list) -> torch.Tensor:
+        """`sum_j coef_j buf[rows_j]`, one scaled add per row: no gathered copy of the k rows (the
+        update reads each selected row once)."""
+        out = torch.mul(buf[rows[0]], coef[0])
+        for r, c in zip(rows[1:], coef[1:]):
+            out.add_(buf[r], alpha=c)
+        return out
 
     def _fallback_backward(self, idx, coef) -> None:
         """Weighted backward over the selected rows for the parameters neither captured nor local."""
