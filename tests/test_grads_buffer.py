@@ -69,3 +69,17 @@ def test_a_nan_gradient_row_is_dropped_and_the_others_are_untouched(metric, prod
     with pytest.warns(UserWarning, match="non-finite"):
         engine.apply_update([1, 2], [1.0, 1.0])
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_a_metric_folded_into_the_pool_rows_is_divided_out_for_readers():
+    """adam with K: the pool rows hold g * sqrt(M) after the products; plain_rows gives g back."""
+    model, opt = trained("full")
+    pool, target = random_batch(5, seed=3), random_batch(2, seed=4)
+    folded = GradEngine(model, opt, "adam")
+    plain = GradEngine(model, opt, "adam", aux_metrics=("sgd",))  # aux metrics read the plain rows: no fold
+    a, b = folded.score(pool, target, k=2), plain.score(pool, target, k=2)
+    assert folded._roots and not plain._roots
+    assert not torch.allclose(folded._rows, plain._rows)
+    assert torch.allclose(folded.plain_rows(), plain._rows, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(a.K, b.K, rtol=1e-10) and torch.allclose(a.b, b.b, rtol=1e-10)
+    assert abs(a.y2 - b.y2) <= 1e-10 * abs(b.y2)

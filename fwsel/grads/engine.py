@@ -196,6 +196,7 @@ class GradEngine:
         self._ghost: dict = {}  # id(site) -> GhostOps of the last scoring pass
         self._warned = False
         self._spare: torch.Tensor | None = None  # CPU scratch of the products (see `_scratch`)
+        self._roots: list = []  # (pool rows, columns, sqrt(M)) of the runs `_products` scaled in place
         self.group_entries = 2**26  # buffer entries per run of blocks handled together (bounds temporaries)
 
     # ------------------------------------------------------------------ path choice
@@ -325,10 +326,30 @@ class GradEngine:
             diag = self._diagonals(blocks, ops, gT, n_bad, k_eff, groups, acc)
             M = diag[self.metric]
             U = torch.stack([gT, *[self._direction(d, blocks, gT, M) for d in dirs]])
+            if ghost is None and self._folds_metric(M):
+                root = M.sqrt()
+                ops.Gp.mul_(root)  # pool rows now g * sqrt(M): K = G' G'^T, b = G' (sqrt(M) u), no scaled copy
+                self._roots.append((n, cols, root))  # `_update` divides it out of the summed update
+                U, diag = U * root, {self.metric: None}
             acc.add(ops, U, diag, self.metric)
         if self._late_check():
             self._drop_late(acc, finite, n)
         return acc.scores(finite[:n].clone(), self._ghost_info(self._adam))
+
+    def plain_rows(self) -> torch.Tensor:
+        """The rows the products read (pool, then target), any metric folded into the pool rows
+        divided out again (then a copy): for selectors that re-form products in another metric."""
+        if not self._roots:
+            return self._rows
+        rows = self._rows.clone()
+        for n, cols, root in self._roots:
+            rows[:n, cols] /= root
+        return rows
+
+    def _folds_metric(self, M) -> bool:
+        """Whether a run's metric `M` is folded into its pool rows in place (one pass, not a scaled
+        [N, cols] copy for the Gram or the norms). Not with aux metrics: they read the plain rows."""
+        return M is not None and not self.aux_metrics and bool({"k", "sq_norms"} & self.products)
 
     def _late_check(self) -> bool:
         """Whether the pool rows' finiteness comes from their squared norms (diag K or `sq_norms`,
@@ -425,6 +446,8 @@ class GradEngine:
             if idx.numel():
                 coef = w / idx.numel()
                 gsum = self._row_sum(buf, idx.tolist(), coef.to(buf).tolist())
+                for _, cols, root in self._roots:  # pool rows scaled by sqrt(M) in `_products`
+                    gsum[cols] /= root
                 row_coef = torch.zeros(buf.shape[0], dtype=buf.dtype, device=buf.device)
                 row_coef.index_add_(0, idx.to(buf.device), coef.to(buf))  # token-Gram layers: E_S^T diag(w) X_S
                 for blk in self.cap.blocks:
@@ -463,7 +486,7 @@ class GradEngine:
 
     def _free(self) -> None:
         self.cap.release()
-        self._rows, self._pool, self._ghost = None, None, {}
+        self._rows, self._pool, self._ghost, self._roots = None, None, {}, []
         for s in self.cap.local:
             s.saved = []
 
