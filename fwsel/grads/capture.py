@@ -149,6 +149,7 @@ class Capture:
         local = {id(p) for s in self.local for p in s.params}
         self.pass_params = [p for p in self.fallback if id(p) not in local]  # need the weighted backward
         self.size = self.blocks[-1].end if self.blocks else 0
+        self.mat_blocks = list(self.blocks)  # blocks with buffer columns (see `layout`)
         self.captured = [b.param for b in self.blocks]
         dt = {p.dtype for p in self.captured}
         self.dtype = torch.float64 if torch.float64 in dt else torch.float32  # per-sample grads
@@ -184,10 +185,7 @@ class Capture:
             n = 0 if b.ghost is not None else b.param.numel()
             b.start, b.end, offset = offset, offset + n, offset + n
         self.size = offset
-
-    @property
-    def mat_blocks(self):
-        return [b for b in self.blocks if b.ghost is None]
+        self.mat_blocks = [b for b in self.blocks if b.ghost is None]  # blocks with buffer columns
 
     @contextmanager
     def scoring(self, n_rows: int):
@@ -226,6 +224,10 @@ class Capture:
     def _zero_unwritten(self) -> None:
         """Zero each materialised block's rows that no contribution wrote (a module not called,
         a micro-batch with no backward): the gradient there is zero."""
+        rows = {(r0, r1) for _, r0, r1 in self.written}
+        if sum(r1 - r0 for r0, r1 in rows) == self.buf.shape[0] and \
+                len(self.written) == len(rows) * sum(b.end > b.start for b in self.mat_blocks):
+            return  # every block written for every micro-batch (the usual case)
         spans: dict[int, list] = {}
         for key, r0, r1 in self.written:
             spans.setdefault(key, []).append((r0, r1))
