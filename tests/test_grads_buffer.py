@@ -83,3 +83,24 @@ def test_a_metric_folded_into_the_pool_rows_is_divided_out_for_readers():
     assert torch.allclose(folded.plain_rows(), plain._rows, rtol=1e-12, atol=1e-14)
     assert torch.allclose(a.K, b.K, rtol=1e-10) and torch.allclose(a.b, b.b, rtol=1e-10)
     assert abs(a.y2 - b.y2) <= 1e-10 * abs(b.y2)
+
+
+class Gathered(GradEngine):
+    """Products over a copy of the rows, as the sharded engine's gathered matrix: the metric is
+    folded into the copy, the update still reads the captured (unscaled) buffer."""
+
+    def _exchange(self, n, losses, rows):
+        return n, losses, rows.clone()
+
+
+def test_the_update_is_the_same_when_the_products_read_a_copy_of_the_rows():
+    pool, target = random_batch(5, seed=5), random_batch(2, seed=6)
+    grads = []
+    for cls in (GradEngine, Gathered):
+        model, opt = trained("full")
+        engine = cls(model, opt, "adam")
+        engine.score(pool, target, k=2)
+        assert engine._roots  # the metric was folded into the rows the products read
+        engine.apply_update([0, 3], [1.0, 2.0])
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-14)

@@ -353,8 +353,9 @@ class GradEngine:
             if idx.numel():
                 coef = w / idx.numel()
                 gsum = self._row_sum(buf, idx.tolist(), coef.to(buf).tolist())
-                for _, cols, root in self._roots:  # pool rows scaled by sqrt(M) in `_products`
-                    gsum[cols] /= root
+                if self._rows is buf:  # `_products` scaled these rows by sqrt(M) (not a gathered copy)
+                    for _, cols, root in self._roots:
+                        gsum[cols] /= root
                 row_coef = torch.zeros(buf.shape[0], dtype=buf.dtype, device=buf.device)
                 row_coef.index_add_(0, idx.to(buf.device), coef.to(buf))  # token-Gram layers: E_S^T diag(w) X_S
                 for blk in self.cap.blocks:
