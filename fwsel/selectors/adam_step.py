@@ -41,7 +41,7 @@ class AdamRegram:
         why = self.unsupported(engine)
         if why:
             raise ValueError(f"selector.clip_q / self_q / objective=step re-form the products: {why}")
-        cap, rows = engine.cap, engine._rows  # _rows: what the products read (every rank's rows under torchrun)
+        cap, rows = engine.cap, engine.plain_rows()  # what the products read (every rank's rows under torchrun)
         finite = getattr(engine, "_global_finite", None)
         finite = engine._finite if finite is None else finite
         n = len(finite)
