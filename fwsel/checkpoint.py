@@ -2,7 +2,8 @@
 
 A checkpoint is `<run dir>/checkpoints/step-XXXXXXXX/` holding
   weights.pt     trainable parameters only (the adapters under LoRA)
-  state.pt       optimizer, scheduler, every RNG state, stream position, loop totals (selectors are stateless)
+  state.pt       optimizer, scheduler, every RNG state, stream position, loop totals, the selector's
+                 own state (`Selector.state_dict`: e.g. ftw's alpha_fit sums; empty for most)
   manifest.json  written last: the step and each file's size and sha256 (the completeness marker)
 It is written as `step-XXXXXXXX.tmp/` and renamed, so a reader never sees half of one; a file
 damaged later (truncated copy, disk trouble) fails its checksum and the previous one is used.
@@ -78,6 +79,7 @@ def capture_state(trainer) -> tuple[dict, dict]:
         "stream": {"step": trainer.step, "rows_consumed": trainer.step * trainer.N,
                    **({"state": stream.state_dict()} if hasattr(stream, "state_dict") else {})},
         "totals": dict(trainer.totals),
+        "selector": trainer.selector.state_dict(),
         "rng_ranks": getattr(trainer, "rank_rng", None),  # under torchrun: every rank's RNG states
     }
     return weights, state
@@ -104,6 +106,7 @@ def restore_state(trainer, weights: dict, state: dict, where: str = "checkpoint"
     stream = trainer.data.stream
     if "state" in state["stream"] and hasattr(stream, "load_state_dict"):
         stream.load_state_dict(state["stream"]["state"])
+    trainer.selector.load_state_dict(state.get("selector", {}))  # none in checkpoints of older versions
     trainer.totals.clear()
     trainer.totals.update(state["totals"])
     trainer.step = int(state["step"])

@@ -151,17 +151,10 @@ def _load_job(summary_path: Path) -> Job:
 
 
 def _load_missing(run_dir: Path) -> Job:
-    """A job that has a saved config but never wrote summary.json."""
-    sel = budget = seed = None
-    try:
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-        sel, budget, seed = (OmegaConf.select(cfg, k, default=None) for k in ("selector.name", "budget", "seed"))
-    except Exception:  # an unreadable config still counts as a missing job
-        pass
-    return Job(run_dir, "missing", str(sel or "?"), budget, seed, error="no summary.json",
-               config=_load_config(run_dir))
+    """A job that has a saved config but never wrote summary.json (an unreadable config still counts)."""
+    config = _load_config(run_dir)
+    return Job(run_dir, "missing", str(config.get("selector.name") or "?"), config.get("budget"), config.get("seed"),
+               error="no summary.json", config=config)
 
 
 def _differing(jobs: list[Job], keys) -> list[str]:
@@ -412,22 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class CompareCallback:
-    """Runs `fwsel compare` on the sweep dir when a multirun ends (a job that failed with a typed
-    error does not stop the sweep: fwsel.train records it and `fwsel train` exits 1 after this).
-
-    Hydra calls every hook of a callback by name; the others are no-ops (`__getattr__`), so this
-    module need not import Hydra's base class (`fwsel compare --help` stays quick)."""
-
-    def __getattr__(self, name: str):
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        sweep_dir = None
-        try:
-            sweep_dir = str(config.hydra.sweep.dir)
-            compare_dirs([sweep_dir], console=Console())
-        except Exception as e:  # a comparison problem must never fail the sweep
-            log.warning("fwsel compare on %s failed: %s", sweep_dir, e)
+def compare_sweep(config) -> None:
+    """`fwsel compare` on a multirun's sweep dir once it ends (fwsel.train.CompareCallback); a
+    comparison problem is logged, never raised: it must not fail the sweep."""
+    sweep_dir = None
+    try:
+        sweep_dir = str(config.hydra.sweep.dir)
+        compare_dirs([sweep_dir], console=Console())
+    except Exception as e:  # a comparison problem must never fail the sweep
+        log.warning("fwsel compare on %s failed: %s", sweep_dir, e)

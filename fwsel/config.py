@@ -17,6 +17,11 @@ def _check(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _int(v, minimum: int = 1, null: bool = False) -> bool:
+    """`v` is an integer >= `minimum` (a bool is not), or None where `null` allows it."""
+    return (null and v is None) or (isinstance(v, int) and not isinstance(v, bool) and v >= minimum)
+
+
 def validate(cfg) -> None:
     _check(isinstance(cfg.budget, (int, float)) and 0 < float(cfg.budget) <= 1,
            f"budget must be in (0, 1], got {cfg.budget!r}")
@@ -24,16 +29,17 @@ def validate(cfg) -> None:
         v = cfg[key]
         if key == "steps" and v is None:  # until the data is used up (fwsel.data.total_steps)
             continue
-        _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{key} must be an integer >= 1, got {v!r}")
+        _check(_int(v), f"{key} must be an integer >= 1, got {v!r}")
     epochs = cfg.data.get("epochs", 1)
-    _check(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1,
-           f"data.epochs must be an integer >= 1, got {epochs!r}")
-    every = cfg.checkpoint_every
-    _check(every is None or (isinstance(every, int) and not isinstance(every, bool) and every >= 1),
+    _check(_int(epochs), f"data.epochs must be an integer >= 1, got {epochs!r}")
+    _check(_int(cfg.checkpoint_every, null=True),
            f"checkpoint_every must be null or an integer >= 1, got {cfg.checkpoint_every!r}")
     _check(cfg.target.batch_size >= 1, f"target.batch_size must be >= 1, got {cfg.target.batch_size!r}")
     validate_engine(cfg.engine)
     build_selector(cfg.selector)
+    keep = cfg.selector.get("prefilter_keep")  # read by the loop (Trainer.shortlist), not by the selector
+    _check(keep is None or (isinstance(keep, (int, float)) and 0 < keep <= 1),
+           f"selector.prefilter_keep must be null or a fraction in (0, 1], got {keep!r}")
     _check(cfg.optim.schedule in SCHEDULES,
            f"optim.schedule must be one of {'|'.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
     _check(cfg.optim.max_grad_norm is None or float(cfg.optim.max_grad_norm) > 0,
@@ -61,10 +67,6 @@ def validate(cfg) -> None:
            f"progress must be auto|true|false, got {cfg.progress!r}")
 
 
-def _int_or_null(v, minimum: int = 1) -> bool:
-    return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= minimum)
-
-
 def validate_engine(eng) -> None:
     """The `engine:` group (fwsel.grads.dist.build_engine reads exactly these keys)."""
     from fwsel.grads.engine import GHOST_B
@@ -74,14 +76,14 @@ def validate_engine(eng) -> None:
     _check(eng.grad_path in PATHS, f"engine.grad_path must be one of {'|'.join(PATHS)}, got {eng.grad_path!r}")
     _check(eng.get("ghost_b", "exact") in GHOST_B,
            f"engine.ghost_b must be one of {'|'.join(GHOST_B)}, got {eng.get('ghost_b')!r}")
-    _check(_int_or_null(eng.projection_dim),
+    _check(_int(eng.projection_dim, null=True),
            f"engine.projection_dim must be null or an integer >= 1, got {eng.projection_dim!r}")
     _check(eng.projection in KINDS, f"engine.projection must be one of {'|'.join(KINDS)}, got {eng.projection!r}")
     _check(eng.projection_dim is None or eng.grad_path != "ghost",
            "engine.grad_path=ghost does not combine with engine.projection_dim (a sketch needs materialised rows)")
-    _check(_int_or_null(eng.micro_batch_size),
+    _check(_int(eng.micro_batch_size, null=True),
            f"engine.micro_batch_size must be null or an integer >= 1, got {eng.micro_batch_size!r}")
-    _check(_int_or_null(eng.loss_chunk_tokens) and eng.loss_chunk_tokens is not None,
+    _check(_int(eng.loss_chunk_tokens),
            f"engine.loss_chunk_tokens must be an integer >= 1, got {eng.loss_chunk_tokens!r}")
 
 

@@ -153,9 +153,10 @@ class Comm:
                 dist.broadcast(t.data, src=0)
 
     @contextmanager
-    def reduce_grads(self, params):
-        """Gradients written inside the block are summed over ranks; those already in `.grad`
-        before it are kept as they were (gradient accumulation is safe).
+    def reduce_grads(self, params, mean: bool = False):
+        """Gradients written inside the block are summed over ranks (`mean`: averaged, as DDP
+        does when every rank trains on its own batch); those already in `.grad` before it are
+        kept as they were (gradient accumulation is safe).
 
         A parameter that no rank gave a gradient keeps `.grad = None` (AdamW then skips it,
         as in one process). One all-reduce per (dtype, device) bucket; every rank joins it,
@@ -179,6 +180,8 @@ class Comm:
             flat = torch.cat([has, *grads])
             self.all_reduce_(flat)
             had, off = flat[: len(ids)], len(ids)
+            if mean:
+                flat[off:] /= self.world
             for j, i in enumerate(ids):
                 p = params[i]
                 g = flat[off : off + p.numel()].view_as(p)

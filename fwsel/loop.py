@@ -155,9 +155,6 @@ class Trainer:
         self.seed = int(cfg.seed)
         if self.N < self.comm.world:
             raise FwselError(f"the pool (N={self.N}) is smaller than the number of ranks ({self.comm.world})")
-        keep = cfg.selector.get("prefilter_keep")
-        if keep is not None and not (isinstance(keep, (int, float)) and 0 < keep <= 1):
-            raise ConfigError(f"selector.prefilter_keep must be null or a fraction in (0, 1], got {keep!r}")
         self.data = build_data(cfg)
         self.steps = total_steps(cfg.steps, self.data.stream, self.N)  # steps=null: the data's epochs
         self.selector = build_selector(cfg.selector)
@@ -166,6 +163,7 @@ class Trainer:
         self.comm.broadcast_module(self.model)  # every rank starts from rank 0's weights, as DDP would
         self.collate = Collator(self.tokenizer, self._max_len())
         self.data.attach(self.collate)  # drops rows with no supervised token left after truncation
+        self._target_enc: dict = {}  # select-split position -> (ids, labels) (see `target_batch`)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.params, self.steps)
         self.engine = None  # built on the first step that needs gradients
@@ -179,10 +177,23 @@ class Trainer:
         return min(int(self.cfg.data.max_len), int(limit or self.cfg.data.max_len))
 
     # ---- per-step inputs: pure functions of (seed, t) ----
+    def target_idx(self, t: int) -> np.ndarray:
+        """Positions in the `select` split of step t's target rows."""
+        n = len(self.data.select)
+        return np_rng(self.seed, "target", t).choice(n, self.v, replace=self.v > n)
+
     def target_rows(self, t: int) -> list[dict]:
-        sel = self.data.select
-        idx = np_rng(self.seed, "target", t).choice(len(sel), self.v, replace=self.v > len(sel))
-        return [sel[i] for i in idx]
+        return [self.data.select[i] for i in self.target_idx(t)]
+
+    def target_batch(self, t: int) -> dict:
+        """The collated target rows of step t. The `select` split is fixed, so each of its rows is
+        tokenised once (a target batch is re-drawn from it every step)."""
+        enc = []
+        for i in self.target_idx(t).tolist():
+            if i not in self._target_enc:
+                self._target_enc[i] = self.collate.encode(self.data.select[i])[:2]
+            enc.append(self._target_enc[i])
+        return {k: v.to(self.device) for k, v in self.collate.pad(enc).items()}
 
     def batch(self, rows: list[dict]) -> dict:
         return {k: v.to(self.device) for k, v in self.collate(rows).items()}
@@ -232,7 +243,7 @@ class Trainer:
         m = self.N if keep is None else max(self.k, round(float(keep) * self.N))
         if need is not Needs.GRADS or m >= self.N:
             return rows
-        a = head_alignment(self.model, self.batch(rows), self.batch(self.target_rows(t)),
+        a = head_alignment(self.model, self.batch(rows), self.target_batch(t),
                            int(self.cfg.engine.loss_chunk_tokens))
         a = torch.where(torch.isfinite(a), a, torch.tensor(-math.inf, dtype=a.dtype))
         top = torch.argsort(a, descending=True, stable=True)[:m]
@@ -242,7 +253,7 @@ class Trainer:
         """Gradients: one forward + one backward over pool + target (the engine's Scores); losses:
         a no-grad forward over the pool; none: nothing (every row counts as finite)."""
         if need is Needs.GRADS:
-            target = self.batch(self.target_rows(t))
+            target = self.target_batch(t)
             q_scale = self.totals.get("clip_prev", 1.0) ** 2 if self.selector.engine_needs.clip_q else 1.0
             scores = self.get_engine().score(self.batch(rows), target, extra_dirs=self.selector.extra_dirs(t), k=self.k,
                                              q_scale=q_scale)

@@ -23,6 +23,7 @@ import time
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,6 +38,17 @@ log = logging.getLogger("fwsel")
 PATH_KEYS = ("data.files", "data.target_files", "model.name_or_path", "data.name")
 HEARTBEAT_S = 60  # without a progress bar, a log line at least this often
 FAILED_JOBS: list[str] = []  # "<job tag>: <error>" of the sweep jobs that failed with a typed error
+
+
+class CompareCallback(Callback):
+    """`hydra.callbacks.compare` (conf/train.yaml): `fwsel compare` on the sweep dir when a multirun
+    ends. A job that failed with a typed error does not stop the sweep: `job` records it and
+    `fwsel train` exits 1 after this."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        from fwsel.compare import compare_sweep
+
+        compare_sweep(config)
 
 
 def _path_suffix(overrides) -> str:

@@ -16,15 +16,18 @@ from test_hf import EX, selective  # noqa: E402
 from fwsel.hf import SelectionMixin  # noqa: E402
 
 local = []
-average = SelectionMixin._average_grads
+update = SelectionMixin._update
 
 
-def keep_local_update(self):
-    local.append(torch.cat([p.grad.reshape(-1).clone() for p in self.model.parameters() if p.requires_grad]))
-    average(self)
+def keep_local_update(self, *args):
+    """This rank's own update: `_update` runs inside the averaging block, before the all-reduce."""
+    loss = update(self, *args)
+    local.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).clone()
+                            for p in self.model.parameters() if p.requires_grad]))
+    return loss
 
 
-SelectionMixin._average_grads = keep_local_update
+SelectionMixin._update = keep_local_update
 out = sys.argv[1]
 tr = selective(out, EX.mixture(96)[0].to_list(), EX.mixture(1)[1].to_list(), selector="ftw", max_steps=3,
                ddp_backend="gloo", optim="sgd", learning_rate=0.05, max_grad_norm=0.0)

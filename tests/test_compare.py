@@ -162,11 +162,13 @@ def test_cli_errors(tmp_path, capsys, case):
 
 
 def test_callback_runs_and_never_raises(tmp_path, caplog):
+    from fwsel.train import CompareCallback
+
     write_job(tmp_path / "a", "random", 0.5, 0, LOSSES[("random", 0.5, 0)])
-    compare.CompareCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    CompareCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     assert (tmp_path / "summary.csv").is_file()
     with caplog.at_level(logging.WARNING):
-        compare.CompareCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "x")}}}))
+        CompareCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "x")}}}))
     assert "not a directory" in caplog.text
 
 

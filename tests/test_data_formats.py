@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fwsel.data.files import FileReader, expand, read_record
+from fwsel.data.files import FileReader, expand, read_record, skip_or_raise
 from fwsel.data.formats import ALPACA, to_row
 from fwsel.errors import ConfigError, DataError
 
@@ -129,3 +129,18 @@ def test_empty_file_and_bad_parquet(tmp_path):
         list(FileReader([str(broken)]))
     with pytest.raises(ConfigError, match="data.on_error must be raise|skip"):
         FileReader([good], on_error="ignore")
+
+
+def test_skip_or_raise_is_the_one_on_error_rule(caplog):
+    """Files, the hf reader and the tokenizer side share it: raise with the hint (or without,
+    where skipping cannot help), or log and count once."""
+    import logging
+
+    err, log = DataError("a.jsonl:3: malformed JSON (x)"), logging.getLogger("fwsel.test")
+    with pytest.raises(DataError, match=r"^a.jsonl:3: malformed JSON \(x\) \(data.on_error=skip skips such records\)$"):
+        skip_or_raise(err, "raise", log)
+    with pytest.raises(DataError, match=r"^a.jsonl:3: malformed JSON \(x\)$"):
+        skip_or_raise(err, "raise", log, hint=False)
+    with caplog.at_level(logging.WARNING, "fwsel.test"):
+        assert skip_or_raise(err, "skip", log) == 1 and skip_or_raise(err, "skip", log, count=False) == 0
+    assert [r.getMessage() for r in caplog.records] == ["skipping a.jsonl:3: malformed JSON (x)"]

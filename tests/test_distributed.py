@@ -174,6 +174,13 @@ def _reduce(comm):
         if comm.rank == 1:
             b.grad = torch.ones(3, dtype=torch.float64)
     assert a.grad.tolist() == [13.0] * 3 and b.grad.tolist() == [1.0] * 3 and c.grad is None
+    a.grad = None
+    with comm.reduce_grads([a, b, c], mean=True):  # fwsel.hf: each rank's own update, averaged as DDP does
+        a.grad = torch.full((3,), float(comm.rank + 1), dtype=torch.float64)
+        if comm.rank == 1:
+            b.grad = torch.full((3,), 4.0, dtype=torch.float64)
+    assert a.grad.tolist() == [1.5] * 3 and b.grad.tolist() == [3.0] * 3  # b: 1.0 kept from before + 4 / 2
+    assert c.grad is None  # no rank touched it: no zero .grad for AdamW to decay
     rows = comm.gather_rows(torch.arange(comm.counts(5)[comm.rank]) + comm.shard(5).start, 5)
     assert rows.tolist() == list(range(5))
     mask = comm.gather_rows(torch.tensor([comm.rank == 1] * comm.counts(3)[comm.rank]), 3)

@@ -188,6 +188,23 @@ def test_regram_matches_the_engine_and_an_explicit_oracle(stepped):
         eng.close()
 
 
+def test_regram_refuses_amsgrad_as_the_engine_does(stepped):
+    """The re-formed metric is the engine's formula, checks included: AMSGrad's max(v) is not modelled."""
+    model, opt = stepped
+    eng = GradEngine(model, opt, metric="adam", grad_path="materialize")
+    try:
+        eng.score(random_batch(6, seed=1), random_batch(3, seed=2), k=2)
+        rg = AdamRegram(eng, opt, 2)
+        for g in opt.param_groups:
+            g["amsgrad"] = True
+        with pytest.raises(ValueError, match="amsgrad=False"):
+            rg.products(rg.q_pool)
+    finally:
+        for g in opt.param_groups:
+            g["amsgrad"] = False
+        eng.close()
+
+
 @pytest.mark.parametrize(
     "kw",
     [

@@ -17,7 +17,7 @@ def test_head_alignment_is_tracin_on_the_output_head():
     assert relerr(a, G @ gT) <= 1e-10 and not any(p.grad is not None for p in model.parameters())
 
 
-def test_prefilter_shortlists_the_pool_and_refuses_a_bad_fraction(tmp_path, monkeypatch):
+def test_prefilter_shortlists_the_pool_and_refuses_a_bad_fraction(tmp_path, monkeypatch, capsys):
     from fwsel import loop
 
     from helpers_runs import FAST, run_cli
@@ -34,5 +34,8 @@ def test_prefilter_shortlists_the_pool_and_refuses_a_bad_fraction(tmp_path, monk
     assert code == 0 and seen == [8, 8]  # N = 16 rows, half of them scored by gradients
     code, _ = run_cli([*run, "selector.prefilter_keep=0.1", f"hydra.run.dir={tmp_path}/b"])
     assert code == 0 and seen[2:] == [4, 4]  # never fewer than k = 4
-    code, _ = run_cli([*run, "selector.prefilter_keep=1.5", f"hydra.run.dir={tmp_path}/c"])
-    assert code == 1
+    code, out = run_cli([*run, "selector.prefilter_keep=1.5", f"hydra.run.dir={tmp_path}/c"], capsys)
+    assert code == 1 and "Traceback" not in out
+    assert ("selector.prefilter_keep must be null or a fraction in (0, 1], got 1.5 "
+            "(nothing started: no run dir kept)") in out
+    assert not (tmp_path / "c").exists() and seen[4:] == []  # refused with the config checks, before any step

@@ -102,3 +102,24 @@ def test_a_short_file_stream_ends_exhausted(tmp_path):
     assert s["status"] == "exhausted" and s["steps_done"] == 1  # 40 rows = one pool of 32
     assert s["target_eval_loss"] is not None
     assert read_run(tmp_path / "run")["metrics"][-1]["step"] == 1
+
+
+@pytest.mark.parametrize("extra", [[], ["data.max_len=12", "target.select_size=6"]])
+def test_cached_target_encodings_collate_exactly_as_fresh_rows(extra):
+    """Each `select` row is tokenised once; every step's target batch equals collating its rows afresh."""
+    import torch
+    from hydra import compose, initialize_config_module
+
+    from fwsel.loop import Trainer
+    from fwsel.outputs import RunWriter
+    from fwsel.tracking import NoTracker
+
+    with initialize_config_module(config_module="fwsel.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["steps=4", "progress=false", "target.eval_size=8", *extra])
+    tr = Trainer(cfg, RunWriter("", enabled=False), NoTracker())
+    for t in [0, 1, 2, 0, 7]:
+        cached, fresh = tr.target_batch(t), tr.batch(tr.target_rows(t))
+        assert cached.keys() == fresh.keys()
+        assert all(torch.equal(cached[k], fresh[k]) for k in fresh)
+    assert 0 < len(tr._target_enc) <= len(tr.data.select)
+    tr.close()

@@ -171,6 +171,29 @@ def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path, monkey
     assert text(cut, "selected.jsonl") == text(full, "selected.jsonl")
 
 
+def test_alpha_fit_state_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """ftw's alpha_fit sums carry across steps: the checkpoint holds them (Selector.state_dict), so
+    the resumed run fits from where it stopped, not from alpha again."""
+    import torch
+
+    args = [*FAST, "selector=ftw", "selector.objective=step", "selector.alpha_fit=true", "diagnostics.fidelity=true",
+            "steps=5", "eval_every=5", "checkpoint_every=2"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run_cli(["train", *args, f"hydra.run.dir={full}"])[0] == 0
+    with monkeypatch.context() as mp:
+        signal_after(mp, 3)
+        assert run_cli(["train", *args, f"hydra.run.dir={cut}"])[0] == 130
+    state = torch.load(cut / "checkpoints" / "step-00000003" / "state.pt", weights_only=True)
+    assert state["selector"]["fit"][1] > 0  # a fit exists at the cut
+    code, out = run_cli(["train", f"resume={cut}"], capsys)
+    assert code == 0, out
+    assert summary(cut)["resumed_from_step"] == 3
+    rows = metric_rows(full)
+    assert len({r["sel_alpha_fit"] for r in rows[1:]}) > 2  # the fit moves after the cut too
+    assert metric_rows(cut) == rows
+    assert text(cut, "selected.jsonl") == text(full, "selected.jsonl")
+
+
 def test_second_sigint_abandons_the_step(tmp_path, monkeypatch, capsys):
     from fwsel.loop import Trainer
 

@@ -46,3 +46,21 @@ def test_every_method_choice_is_a_key_and_overridable():
     assert (sel.geometry, sel.filter, sel.weights, sel.metric) == ("sgd", "topk", "uniform", "sgd")
     with pytest.raises(Exception, match=re.escape("selector.filter must be one of omp|greedy|topk")):
         instantiate(selector_cfg("ftw", "selector.filter=bogus"))
+
+
+def test_a_selector_built_from_a_dict_refuses_unknown_keys():
+    """Code that builds a selector itself (no CLI key check) gets the same one-line refusal: a
+    misspelt key is never silently ignored. The loop's own key (prefilter_keep) is allowed."""
+    from fwsel.config import build_selector
+    from fwsel.errors import ConfigError
+    from fwsel.selectors.greats import Greats
+    from fwsel.selectors.random import RandomSelector
+
+    cfg = OmegaConf.create({**OmegaConf.to_container(selector_cfg("ftw")), "alpah": 2.0, "prefilter_keep": 0.5})
+    with pytest.raises(ConfigError, match=r"^selector.alpah is not a key of selector 'ftw' \(keys: adam_q, alpha, "):
+        build_selector(cfg)
+    with pytest.raises(ValueError, match=r"^selector.interaction_scal is not a key of selector 'g' "):
+        Greats(name="g", interaction_scal=2.0)
+    assert Greats(name="g", interaction_scale=2.0, prefilter_keep=0.5).gamma == 2.0
+    with pytest.raises(ValueError, match=r"selector.bogus is not a key of selector 'r' \(keys: name, prefilter_keep\)"):
+        RandomSelector(name="r", bogus=1)

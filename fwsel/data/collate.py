@@ -81,11 +81,15 @@ class Collator:
             i, lab, cut = self.encode(r, eos)
             self.truncated += int(cut)
             enc.append((i, lab))
+        return self.pad(enc)
+
+    def pad(self, enc: list[tuple[list[int], list[int]]]) -> dict:
+        """The batch of rows already encoded as (ids, labels): callers may keep a fixed row's encoding."""
         width = max(len(i) for i, _ in enc)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        labels = torch.full((len(enc), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(enc), width), dtype=torch.long)
         for j, (i, lab) in enumerate(enc):
             ids[j, : len(i)] = torch.tensor(i, dtype=torch.long)
             labels[j, : len(lab)] = torch.tensor(lab, dtype=torch.long)

@@ -27,6 +27,24 @@ EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet"
 COUNT_LIMIT = 256 << 20  # count rows up front (known_size) only below this many bytes in all
 
 
+def check_on_error(on_error: str) -> str:
+    if on_error not in ("raise", "skip"):
+        raise ConfigError(f"data.on_error must be raise|skip, got {on_error!r}")
+    return on_error
+
+
+def skip_or_raise(err: DataError, on_error: str, logger: logging.Logger, hint: bool = True,
+                  count: bool = True) -> int:
+    """A bad record under `data.on_error`: `raise` raises `err` (with the hint where skipping can
+    help: a bad record among good ones); `skip` logs it and returns 1, the count to add (`count`
+    False: 0 and no log, for a record seen before, e.g. in a later epoch)."""
+    if on_error != "skip":
+        raise DataError(f"{err} (data.on_error=skip skips such records)" if hint else str(err)) from None
+    if count:
+        logger.warning("skipping %s", err)
+    return int(count)
+
+
 def expand(pattern, key: str) -> list[str]:
     """Sorted matches of a path or glob (or of each entry of a list of them)."""
     pats = [pattern] if isinstance(pattern, str) else list(pattern or [])
@@ -103,18 +121,10 @@ class FileReader:
 
     def __init__(self, paths: list[str], source_field: str = "source", on_error: str = "raise",
                  fmt: str = "auto", fields=None) -> None:
-        if on_error not in ("raise", "skip"):
-            raise ConfigError(f"data.on_error must be raise|skip, got {on_error!r}")
-        self.paths, self.source_field, self.on_error = list(paths), source_field, on_error
+        self.paths, self.source_field, self.on_error = list(paths), source_field, check_on_error(on_error)
         self.formats = [file_format(p, fmt) for p in self.paths]
         self.fields = dict(fields or {})
         self.skipped = 0
-
-    def _bad(self, err: DataError, hint: bool = True) -> None:
-        if self.on_error != "skip":  # the hint only where skipping can help: a bad record among good ones
-            raise DataError(f"{err} (data.on_error=skip skips such records)" if hint else str(err)) from None
-        self.skipped += 1
-        log.warning("skipping %s", err)
 
     def __iter__(self) -> Iterator[dict]:
         self.skipped = 0  # a replay counts again from the start
@@ -127,9 +137,10 @@ class FileReader:
                         raise err
                     yield to_row(rec, f"{path}:{n}", self.source_field, stem(path), self.fields)
                 except DataError as e:
-                    self._bad(e)
-            if n_rec == 0:
-                self._bad(DataError(f"{path}: empty file (no rows)"), hint=False)
+                    self.skipped += skip_or_raise(e, self.on_error, log)
+            if n_rec == 0:  # no hint: skipping the whole file would not help
+                empty = DataError(f"{path}: empty file (no rows)")
+                self.skipped += skip_or_raise(empty, self.on_error, log, hint=False)
 
     def count(self) -> int | None:
         """Records in all files, when cheap (parquet metadata; small text files); else None."""
@@ -230,11 +241,7 @@ class IterStream:
                 try:
                     ok, cut = self.row_filter(row)
                 except DataError as e:
-                    if self.on_error != "skip":
-                        raise DataError(f"{e} (data.on_error=skip skips such records)") from None
-                    self._bad += int(first)
-                    if first:
-                        log.warning("skipping %s", e)
+                    self._bad += skip_or_raise(e, self.on_error, log, count=first)
                     continue
                 self.truncated += int(cut and first)
                 if not ok:

@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Iterator
 
+from fwsel.data.files import check_on_error, skip_or_raise
 from fwsel.data.formats import to_row
 from fwsel.errors import ConfigError, DataError
 from fwsel.hub import _first_line, check_source
@@ -38,9 +39,7 @@ class HFReader:
 
     def __init__(self, name: str, config, split: str, source_field: str = "source", on_error: str = "raise",
                  fields=None, revision=None, limit=None) -> None:
-        if on_error not in ("raise", "skip"):
-            raise ConfigError(f"data.on_error must be raise|skip, got {on_error!r}")
-        self.name, self.split, self.source_field, self.on_error = name, split, source_field, on_error
+        self.name, self.split, self.source_field, self.on_error = name, split, source_field, check_on_error(on_error)
         self.fields, self.limit = dict(fields or {}), limit
         self.ds = load_split(name, config, split, revision)
         self.default_source = os.path.basename(str(name).rstrip("/")) + (f"/{config}" if config else "")
@@ -75,10 +74,7 @@ class HFReader:
             try:
                 yield to_row(rec, f"{self.name}:{self.split}:{i}", self.source_field, self.default_source, self.fields)
             except DataError as e:
-                if self.on_error != "skip":
-                    raise DataError(f"{e} (data.on_error=skip skips such records)") from None
-                self.skipped += 1
-                log.warning("skipping %s", e)
+                self.skipped += skip_or_raise(e, self.on_error, log)
 
     def lookup(self, ids: list[str]) -> list[dict]:
         """Rows for ids of this split (one pass up to the largest index)."""

@@ -149,6 +149,7 @@ class Capture:
         local = {id(p) for s in self.local for p in s.params}
         self.pass_params = [p for p in self.fallback if id(p) not in local]  # need the weighted backward
         self.size = self.blocks[-1].end if self.blocks else 0
+        self.mat_blocks = list(self.blocks)  # blocks with buffer columns (see `layout`)
         self.captured = [b.param for b in self.blocks]
         dt = {p.dtype for p in self.captured}
         self.dtype = torch.float64 if torch.float64 in dt else torch.float32  # per-sample grads
@@ -156,6 +157,7 @@ class Capture:
         self.active = False
         self.buf: torch.Tensor | None = None  # [rows, size] per-sample gradients
         self.spare: torch.Tensor | None = None  # the last buffer, reused on the CPU (see `release`)
+        self.written: set = set()  # (id(block), first row, end row) written in this pass (see `scoring`)
         self.offset = 0  # global row of the current micro-batch's first row
         self.mb_rows = 0  # rows in the current micro-batch
         self.tok_mask: torch.Tensor | None = None  # [mb_rows, width] unpadded tokens (ghost factors)
@@ -183,26 +185,61 @@ class Capture:
             n = 0 if b.ghost is not None else b.param.numel()
             b.start, b.end, offset = offset, offset + n, offset + n
         self.size = offset
-
-    @property
-    def mat_blocks(self):
-        return [b for b in self.blocks if b.ghost is None]
+        self.mat_blocks = [b for b in self.blocks if b.ghost is None]  # blocks with buffer columns
 
     @contextmanager
     def scoring(self, n_rows: int):
-        """Allocate the buffer and capture, with no parameter requiring grad."""
+        """Allocate the buffer and capture, with no parameter requiring grad.
+
+        The buffer is not zero-filled (a pass over all of it): a block's first contribution for a
+        micro-batch writes its rows (`_first`), and what none reached is zeroed at the end."""
         spare, self.spare = self.spare, None
         if spare is not None and spare.shape == (n_rows, self.size):
-            self.buf = spare.zero_()
+            self.buf = spare
         else:
-            self.buf = torch.zeros(n_rows, self.size, dtype=self.dtype, device=self.device)
+            self.buf = torch.empty(n_rows, self.size, dtype=self.dtype, device=self.device)
+        self.written = set()
         self.dummy = torch.zeros((), device=self.device, requires_grad=True)
         self.active = True
         try:
             with requires_grad(self.captured + self.fallback, False):  # local params are fallback ones
                 yield
+            self._zero_unwritten()
         finally:
             self.active, self.dummy, self.chunk_rows, self.tok_mask = False, None, None, None
+
+    def _first(self, block: Block, span: tuple) -> bool:
+        """Whether this is the block's first contribution for the micro-batch rows `span`."""
+        key = (id(block), *span)
+        if key in self.written:
+            return False
+        self.written.add(key)
+        return True
+
+    def _zero_first(self, block: Block, span: tuple) -> None:
+        """Before accumulating into the block's rows of `span` from several calls: zero them once."""
+        if self._first(block, span):
+            self.buf[span[0] : span[1], block.start : block.end].zero_()
+
+    def _zero_unwritten(self) -> None:
+        """Zero each materialised block's rows that no contribution wrote (a module not called,
+        a micro-batch with no backward): the gradient there is zero."""
+        rows = {(r0, r1) for _, r0, r1 in self.written}
+        if sum(r1 - r0 for r0, r1 in rows) == self.buf.shape[0] and \
+                len(self.written) == len(rows) * sum(b.end > b.start for b in self.mat_blocks):
+            return  # every block written for every micro-batch (the usual case)
+        spans: dict[int, list] = {}
+        for key, r0, r1 in self.written:
+            spans.setdefault(key, []).append((r0, r1))
+        for b in self.mat_blocks:
+            done = sorted(spans.get(id(b), ()))
+            if b.end == b.start or sum(r1 - r0 for r0, r1 in done) == self.buf.shape[0]:
+                continue
+            at = 0
+            for r0, r1 in [*done, (self.buf.shape[0], None)]:
+                if r0 > at:
+                    self.buf[at:r0, b.start : b.end].zero_()
+                at = r1
 
     def release(self) -> None:
         """Drop the buffer. On the CPU it is kept for the next pass of the same shape: a fresh
@@ -264,9 +301,10 @@ class Capture:
             if self.chunk_rows is None or self.chunk_rows.numel() != x.shape[0]:
                 raise RuntimeError("a captured Linear was called on 2-D input outside the loss head")
             rows = self.chunk_rows + self.offset
-        return _Tap.apply(output, self.dummy, x, partial(self._sink, site, rows, self.tok_mask))
+        span = (self.offset, self.offset + self.mb_rows)
+        return _Tap.apply(output, self.dummy, x, partial(self._sink, site, rows, self.tok_mask, span))
 
-    def _sink(self, site, rows, mask, x, grad):
+    def _sink(self, site, rows, mask, span, x, grad):
         x, e = x.to(self.dtype), grad.to(self.dtype)
         w, b = site.weight, site.bias
         if isinstance(rows, int):  # batched [B, ..., d]: every row's tokens at once
@@ -277,18 +315,26 @@ class Capture:
                     torch.ones(X.shape[:2], dtype=torch.bool, device=X.device)  # no mask: every token
                 r = torch.arange(rows, rows + n, device=X.device)[:, None].expand(keep.shape)
                 site.factors.append((X[keep], E[keep], r[keep]))
-            else:  # G_i = E_i^T X_i added in place into the row's columns (no temporary)
+            else:  # G_i = E_i^T X_i written (first call) or added in place into the row's columns
                 dst = self.buf[rows : rows + n, w.start : w.end].view(n, E.shape[-1], X.shape[-1])
-                dst.baddbmm_(E.transpose(1, 2), X)
+                if self._first(w, span):
+                    torch.bmm(E.transpose(1, 2), X, out=dst)
+                else:
+                    dst.baddbmm_(E.transpose(1, 2), X)
             if b is not None:
+                self._zero_first(b, span)
                 self.buf[rows : rows + n, b.start : b.end] += E.sum(1)
             return
         # head chunk [tokens, d]: tokens of one row are contiguous
         if site.ghost:
             site.factors.append((x, e, rows))
             if b is not None:
+                self._zero_first(b, span)
                 self.buf[:, b.start : b.end].index_add_(0, rows, e)
             return
+        self._zero_first(w, span)
+        if b is not None:
+            self._zero_first(b, span)
         uniq, counts = torch.unique_consecutive(rows, return_counts=True)
         sizes = counts.tolist()
         for r, xs, es in zip(uniq.tolist(), x.split(sizes), e.split(sizes)):

@@ -47,6 +47,8 @@ class ShardedEngine(GradEngine):
     """`score` takes the whole pool and target batch (the same on every rank) and scores this
     rank's shard; `apply_update` takes global pool positions."""
 
+    late_row_check = False  # every row's finiteness before the products (projected features hide NaNs)
+
     def __init__(self, model, optimizer, metric="sgd", *, comm: Comm, projection_dim=None, projection="countsketch",
                  projection_seed=0, **kw):
         super().__init__(model, optimizer, metric, **kw)

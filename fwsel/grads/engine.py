@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -14,6 +13,7 @@ from .ghost import PATHS, GhostOps, prefers_ghost
 from .local import local_update
 from .loss import concat_batches, sequence_losses, take_rows, unwrap
 from .metric import ADAM_Q, METRICS, adam_diag_run, group_of, pool_q, state_vec
+from .sums import MatOps, Scores, Sums
 
 DIRS = ("momentum", "decay")
 PRODUCTS = ("b", "k", "y2", "sq_norms")
@@ -34,24 +34,6 @@ def finite_picks(indices, weights, finite: torch.Tensor) -> tuple[np.ndarray, np
     return idx, w
 
 
-@dataclass
-class Scores:
-    """Products over the captured parameters, on the CPU, in float64."""
-
-    K: torch.Tensor | None  # [N, N] <g_i, M g_j> (None when the engine was asked for no K)
-    b: torch.Tensor  # [N, 1 + n_dir] <g_i, M u> for u = g_T, then each extra direction
-    y2: float  # <g_T, M g_T>
-    dir_gram: torch.Tensor  # [1 + n_dir, 1 + n_dir] <u_a, M u_b> among (g_T, extra dirs...)
-    losses: torch.Tensor  # [N] pool losses
-    target_losses: torch.Tensor  # [v] target losses
-    sq_norms: torch.Tensor | None  # [N] diag(K) (None when asked for neither K nor the norms)
-    finite: torch.Tensor  # [N] bool; False rows of K, b are 0 and never enter the update
-    poor_frac: float | None = None  # adam: fraction of coordinates with (1-b2) q > b2 v
-    aux: dict = field(default_factory=dict)  # metric -> {"b": [N], "sq_norms": [N], "y2": float}
-    n_tokens: torch.Tensor | None = None  # [N] supervised tokens per pool row (int64)
-    ghost: dict = field(default_factory=dict)  # token-Gram layers: {"layers", "adam_q", "rank1_err_max"}
-
-
 def wanted(products) -> frozenset:
     """`products` as a set of `PRODUCTS` names: None (all), names, or an enum flag whose members
     carry those names (any case)."""
@@ -62,81 +44,6 @@ def wanted(products) -> frozenset:
     if names - set(PRODUCTS):
         raise ValueError(f"products must be among {PRODUCTS}, got {sorted(names - set(PRODUCTS))}")
     return names
-
-
-class MatOps:
-    """Products for one run of materialised blocks from its per-sample gradients `Gp` ([N, cols]).
-
-    `scratch(shape)` gives the room for a scaled copy of `Gp` (a fresh tensor, or on the CPU a
-    reused one: a fresh allocation of that size page-faults every step)."""
-
-    def __init__(self, Gp, scratch=None):
-        self.Gp = Gp
-        self.scratch = scratch or (lambda shape: None)
-
-    def gram(self, M=None, key=None):
-        GM = self.Gp if M is None else torch.mul(self.Gp, M, out=self.scratch(self.Gp.shape))
-        return GM @ self.Gp.T
-
-    def sq_norms(self, M=None, key=None):
-        if M is None:  # a fused norm per row, no [N, cols] temporary
-            return torch.linalg.vector_norm(self.Gp, dim=1).square()
-        return torch.mul(self.Gp, self.Gp, out=self.scratch(self.Gp.shape)) @ M
-
-    def dots(self, W):
-        return self.Gp @ W.T
-
-
-class _Sums:
-    """The products of `Scores`, summed over block runs in float64 on the buffer's device."""
-
-    def __init__(self, n: int, nd: int, aux_metrics, device, with_K: bool, with_sq: bool):
-        def zeros(*shape):
-            return torch.zeros(*shape, dtype=torch.float64, device=device)
-
-        self.device, self.aux_metrics = device, aux_metrics
-        self.K = zeros(n, n) if with_K else None
-        self.sq = zeros(n) if with_sq and not with_K else None  # diag(K) when K is formed
-        self.B, self.dir_gram = zeros(n, nd), zeros(nd, nd)
-        self.aux = {a: {"b": zeros(n), "sq_norms": zeros(n), "y2": zeros(())} for a in aux_metrics}
-        self.poor, self.coords = [], 0
-
-    def add(self, ops, U, diag: dict, metric: str) -> None:
-        """One block run: `ops` its pool products, `U` the directions (g_T first), `diag` each metric."""
-        M = diag[metric]
-        UM = U if M is None else U * M
-        if self.K is not None:
-            self.K += ops.gram(M, metric).to(torch.float64)
-        elif self.sq is not None:
-            self.sq += ops.sq_norms(M, metric).to(torch.float64)
-        self.B += ops.dots(UM).to(torch.float64)
-        self.dir_gram += (UM @ U.T).to(torch.float64)
-        gT = U[0]
-        for a, out in self.aux.items():
-            ga = gT if diag[a] is None else gT * diag[a]
-            out["b"] += ops.dots(ga[None])[:, 0].to(torch.float64)
-            out["sq_norms"] += ops.sq_norms(diag[a], a).to(torch.float64)
-            out["y2"] += (gT * ga).sum().to(torch.float64)
-
-    def add_gram_all(self, Kall, n: int, nt: int) -> None:
-        """An sgd-only token-Gram layer: `K`, `b` and `y2` from its Gram over pool and target rows."""
-        b0, y0 = Kall[:n, n:].sum(1) / max(nt, 1), Kall[n:, n:].sum() / max(nt, 1) ** 2
-        self.K += Kall[:n, :n]
-        self.B[:, 0] += b0
-        self.dir_gram[0, 0] += y0
-        for out in self.aux.values():
-            out["b"] += b0
-            out["sq_norms"] += Kall.diagonal()[:n]
-            out["y2"] += y0
-
-    def scores(self, finite, ghost: dict) -> Scores:
-        K, B, G = (None if self.K is None else self.K.cpu()), self.B.cpu(), self.dir_gram.cpu()
-        sq = K.diagonal().clone() if K is not None else None if self.sq is None else self.sq.cpu()
-        aux = {a: {"b": d["b"].cpu(), "sq_norms": d["sq_norms"].cpu(), "y2": float(d["y2"])}
-               for a, d in self.aux.items()}
-        poor = float(torch.stack(self.poor).sum()) / self.coords if self.coords else None
-        return Scores(K=K, b=B, y2=float(G[0, 0]), dir_gram=G, losses=None, target_losses=None, sq_norms=sq,
-                      finite=finite, poor_frac=poor, aux=aux, ghost=ghost)
 
 
 class GradEngine:
@@ -158,6 +65,8 @@ class GradEngine:
     token Gram as K, with its rank-1 D: cheaper, approximate like K there).
     Built from the `engine:` config group by `fwsel.grads.dist.build_engine`.
     """
+
+    late_row_check = True  # see `_late_check` (off where the products see gathered or projected rows)
 
     def __init__(self, model, optimizer, metric="sgd", *, adam_q="pool", loss_chunk_tokens=4096,
                  micro_batch_size=None, aux_metrics=(), grad_path="auto", ghost_chunk_tokens=1024, products=None,
@@ -194,6 +103,7 @@ class GradEngine:
         self._ghost: dict = {}  # id(site) -> GhostOps of the last scoring pass
         self._warned = False
         self._spare: torch.Tensor | None = None  # CPU scratch of the products (see `_scratch`)
+        self._roots: list = []  # (pool rows, columns, sqrt(M)) of the runs `_products` scaled in place
         self.group_entries = 2**26  # buffer entries per run of blocks handled together (bounds temporaries)
 
     # ------------------------------------------------------------------ path choice
@@ -252,7 +162,9 @@ class GradEngine:
                 losses[s : s + cap.mb_rows] = out.losses.detach().double().cpu()
         n, losses, buf = self._exchange(n, losses, cap.buf)  # seam: fwsel.grads.dist gathers every rank's rows
         self._rows = buf
-        finite = torch.isfinite(losses) & torch.isfinite(buf.sum(1)).cpu()  # a NaN/inf entry spoils the sum
+        finite = torch.isfinite(losses)
+        first = n if self._late_check() else 0  # pool rows: see `_late_check`
+        finite[first:] &= torch.isfinite(buf[first:].sum(1)).cpu()  # a NaN/inf entry spoils the sum
         facs = {i: cap.factors(cap.sites[i]) for i in sorted(ghost)}
         for i in ghost:  # the engine holds the factors from here on
             cap.sites[i].factors = []
@@ -303,7 +215,7 @@ class GradEngine:
         k_eff = min(k or nf, nf) if nf > 0 else 1
         t_coef = torch.zeros(finite.shape[0], dtype=self._rows.dtype, device=self._rows.device)
         t_coef[n:] = 1.0 / max(nt, 1)  # non-finite target rows are already zero
-        acc = _Sums(n, 1 + len(dirs), self.aux_metrics, self.cap.device, "k" in self.products,
+        acc = Sums(n, 1 + len(dirs), self.aux_metrics, self.cap.device, "k" in self.products,
                     "sq_norms" in self.products)
         groups = group_of(self.optimizer)
         for blocks in self._groups(n):
@@ -321,8 +233,53 @@ class GradEngine:
             diag = self._diagonals(blocks, ops, gT, n_bad, k_eff, groups, acc)
             M = diag[self.metric]
             U = torch.stack([gT, *[self._direction(d, blocks, gT, M) for d in dirs]])
+            if ghost is None and self._folds_metric(M):
+                root = M.sqrt()
+                ops.Gp.mul_(root)  # pool rows now g * sqrt(M): K = G' G'^T, b = G' (sqrt(M) u), no scaled copy
+                self._roots.append((n, cols, root))  # `_update` divides it out of the summed update
+                U, diag = U * root, {self.metric: None}
             acc.add(ops, U, diag, self.metric)
+        if self._late_check():
+            self._drop_late(acc, finite, n)
         return acc.scores(finite[:n].clone(), self._ghost_info(self._adam))
+
+    def plain_rows(self) -> torch.Tensor:
+        """The rows the products read (pool, then target), any metric folded into the pool rows
+        divided out again (then a copy): for selectors that re-form products in another metric."""
+        if not self._roots:
+            return self._rows
+        rows = self._rows.clone()
+        for n, cols, root in self._roots:
+            rows[:n, cols] /= root
+        return rows
+
+    def _folds_metric(self, M) -> bool:
+        """Whether a run's metric `M` is folded into its pool rows in place (one pass, not a scaled
+        [N, cols] copy for the Gram or the norms). Not with aux metrics: they read the plain rows."""
+        return M is not None and not self.aux_metrics and bool({"k", "sq_norms"} & self.products)
+
+    def _late_check(self) -> bool:
+        """Whether the pool rows' finiteness comes from their squared norms (diag K or `sq_norms`,
+        formed anyway) instead of a pass over the buffer before the products: a NaN/inf entry makes
+        the row's squared norm non-finite, and in sgd geometry no statistic mixes pool rows, so
+        such a row spoils only its own products, which are then zeroed (`_drop_late`)."""
+        return self.late_row_check and not self._adam and bool({"k", "sq_norms"} & self.products)
+
+    def _drop_late(self, acc, finite, n: int) -> None:
+        """Pool rows whose squared norm is not finite: not finite, their products and buffer rows zero."""
+        sq = acc.K.diagonal() if acc.K is not None else acc.sq
+        bad = ~torch.isfinite(sq)
+        if not bool(bad.any()):
+            return
+        finite[:n] &= ~bad.cpu()
+        if acc.K is not None:
+            acc.K[bad], acc.K[:, bad] = 0, 0
+        else:
+            acc.sq[bad] = 0
+        acc.B[bad] = 0
+        for out in acc.aux.values():
+            out["b"][bad], out["sq_norms"][bad] = 0, 0
+        self._rows[:n][bad.to(self._rows.device)] = 0
 
     def _gram_gives_b(self, acc, dirs) -> bool:
         """On a token-Gram layer, take `b` and `y2` from its Gram with the target rows (no `g_T`, no
@@ -395,7 +352,10 @@ class GradEngine:
         try:
             if idx.numel():
                 coef = w / idx.numel()
-                gsum = coef.to(buf) @ buf[idx.to(buf.device)]
+                gsum = self._row_sum(buf, idx.tolist(), coef.to(buf).tolist())
+                if self._rows is buf:  # `_products` scaled these rows by sqrt(M) (not a gathered copy)
+                    for _, cols, root in self._roots:
+                        gsum[cols] /= root
                 row_coef = torch.zeros(buf.shape[0], dtype=buf.dtype, device=buf.device)
                 row_coef.index_add_(0, idx.to(buf.device), coef.to(buf))  # token-Gram layers: E_S^T diag(w) X_S
                 for blk in self.cap.blocks:
@@ -409,6 +369,15 @@ class GradEngine:
                     self._fallback_backward(idx, coef)
         finally:
             self._free()
+
+    @staticmethod
+    def _row_sum(buf, rows: list, coef: list) -> torch.Tensor:
+        """`sum_j coef_j buf[rows_j]`, one scaled add per row: no gathered copy of the k rows (the
+        update reads each selected row once)."""
+        out = torch.mul(buf[rows[0]], coef[0])
+        for r, c in zip(rows[1:], coef[1:]):
+            out.add_(buf[r], alpha=c)
+        return out
 
     def _fallback_backward(self, idx, coef) -> None:
         """Weighted backward over the selected rows for the parameters neither captured nor local."""
@@ -425,7 +394,7 @@ class GradEngine:
 
     def _free(self) -> None:
         self.cap.release()
-        self._rows, self._pool, self._ghost = None, None, {}
+        self._rows, self._pool, self._ghost, self._roots = None, None, {}, []
         for s in self.cap.local:
             s.saved = []
 

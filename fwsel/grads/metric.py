@@ -33,9 +33,16 @@ def pool_q(Gp, n_bad: int, k: int, out=None) -> torch.Tensor:
     """`u*u + (1/k - 1/N) s2` per column of the pool's per-sample gradients `Gp` ([N, cols]).
 
     Its `n_bad` non-finite rows are already zero and are left out of the mean and variance.
-    From the column sums of `g` and `g*g` (two matrix-vector products, one temporary, `out` when
-    given): a zero row adds nothing to either.
+    From the column sums of `g` and `g*g`: a zero row adds nothing to either. On the CPU row by
+    row into two cache-sized sums (each row read once, no [N, cols] temporary: half the time of
+    the two matrix-vector products); elsewhere those products (one temporary, `out` when given).
     """
+    if Gp.device.type == "cpu" and Gp.shape[0] > 0:
+        s1, s2 = Gp[0].clone(), Gp[0] * Gp[0]
+        for g in Gp[1:]:
+            s1.add_(g)
+            s2.addcmul_(g, g)
+        return q_from_sums(s1, s2, Gp.shape[0] - n_bad, k)
     ones = Gp.new_ones(Gp.shape[0])
     return q_from_sums(ones @ Gp, ones @ torch.mul(Gp, Gp, out=out), Gp.shape[0] - n_bad, k)
 

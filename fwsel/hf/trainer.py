@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from transformers import Trainer
 
+from fwsel.distributed import Comm
 from fwsel.errors import ConfigError
 from fwsel.grads.loss import concat_batches, sequence_losses, take_rows
 from fwsel.hf.configs import build_selector, engine_config
@@ -91,7 +92,6 @@ class SelectionMixin:
 
     def _engine_for_step(self):
         if self._engine is None:
-            from fwsel.distributed import Comm
             from fwsel.grads.dist import build_engine
 
             opt, needs = self._optimizer(), self.selector.engine_needs
@@ -159,9 +159,9 @@ class SelectionMixin:
         sel = self.selector.select(Pool(rows, k, t, lr, torch_gen(self.args.seed, "selector", t, rank), scores=scores,
                                         losses=losses, optimizer=self._optimizer())) if n else None
         idx, w = usable(sel.indices, sel.weights, finite) if sel else ([], np.zeros(0))
-        loss = self._update(need, pool, scores, idx, w) if idx else None
-        if world > 1:
-            self._average_grads()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        with Comm(rank, world).reduce_grads(params, mean=True):  # per-rank selection: updates averaged, as DDP
+            loss = self._update(need, pool, scores, idx, w) if idx else None
         self._record(t, rows, idx, w, sel.diagnostics if sel else {})
         return torch.tensor(0.0 if loss is None else loss, device=self.args.device)
 
@@ -201,22 +201,6 @@ class SelectionMixin:
         idx = np_rng(self.args.seed, "target", t, self._rank()[0]).choice(len(sel), v, replace=v > len(sel))
         batch = self.data_collator.tensors([sel[i] for i in idx])
         return self._prepare_inputs(batch)
-
-    def _average_grads(self) -> None:
-        """Per-rank selection: the ranks' updates averaged, as DDP averages gradients."""
-        import torch.distributed as dist
-
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        off = 0
-        for p in params:
-            p.grad.copy_(flat[off : off + p.numel()].view_as(p.grad))
-            off += p.numel()
 
     # ---- logging, selected.jsonl
     def _selected_log(self) -> JsonlLog:
@@ -284,7 +268,7 @@ class SelectionMixin:
         os.makedirs(folder, exist_ok=True)
         state = {"selector": self.selector.name, "budget": self.budget, "seed": self.args.seed,
                  "step": self.state.global_step, "totals": dict(self.selection_totals), "sources": dict(self._sources),
-                 "selector_state": getattr(self.selector, "state_dict", dict)()}
+                 "selector_state": self.selector.state_dict()}
         name = STATE_FILE if rank == 0 else f"{STATE_FILE[:-5]}.rank{rank}.json"
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             json.dump(state, f)
@@ -321,8 +305,7 @@ class SelectionMixin:
                               f"budget={self.budget} seed={self.args.seed}")
         self.selection_totals = collections.Counter(state["totals"])
         self._sources = collections.Counter(state["sources"])
-        if callable(getattr(self.selector, "load_state_dict", None)):
-            self.selector.load_state_dict(state["selector_state"])
+        self.selector.load_state_dict(state.get("selector_state", {}))
 
 
 def selections(output_dir: str) -> list[dict]:

@@ -10,9 +10,10 @@ section 9), each from the engine's kept per-sample gradients at the cost of one 
 - self: the chosen set's own update, `q_S = (c sum_S w_i g_i / |S|)^2`, so a low-weight row
   that alone drives a coordinate is seen at its real (near full-step) effect.
 
-`D = 1 / (sqrt((b2 v + (1 - b2) q) / (1 - b2^(t+1))) + eps)` per coordinate, as in
-`fwsel.grads.metric.adam_diag`. The chosen update's norm here covers the captured parameters
-only (embeddings and norms train outside the buffer), so the fixed-point `c` is an upper bound.
+`D = 1 / (sqrt((b2 v + (1 - b2) q) / (1 - b2^(t+1))) + eps)` per coordinate, by
+`fwsel.grads.metric.adam_diag_run` (the engine's formula and checks). The chosen update's norm
+here covers the captured parameters only (embeddings and norms train outside the buffer), so the
+fixed-point `c` is an upper bound.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fwsel.grads.metric import group_of, pool_q, state_vec
+from fwsel.grads.metric import adam_diag_run, group_of, pool_q
 
 
 class AdamRegram:
@@ -40,7 +41,7 @@ class AdamRegram:
         why = self.unsupported(engine)
         if why:
             raise ValueError(f"selector.clip_q / self_q / objective=step re-form the products: {why}")
-        cap, rows = engine.cap, engine._rows  # _rows: what the products read (every rank's rows under torchrun)
+        cap, rows = engine.cap, engine.plain_rows()  # what the products read (every rank's rows under torchrun)
         finite = getattr(engine, "_global_finite", None)
         finite = engine._finite if finite is None else finite
         n = len(finite)
@@ -50,26 +51,20 @@ class AdamRegram:
         finite = finite.to(self.G.device)
         n_bad = int((~finite).sum())
         self.q_pool = pool_q(self.G, n_bad, max(min(k, n - n_bad), 1))
-        groups, v, b2, bias, eps = group_of(optimizer), [], [], [], []
-        for blk in cap.blocks:
-            g = groups[id(blk.param)]
-            t = float(optimizer.state.get(blk.param, {}).get("step", 0))
-            size = blk.end - blk.start
-            v.append(state_vec(optimizer, blk.param, "exp_avg_sq", self.gT.new_empty(size)))
-            b2.append(self.gT.new_full((size,), g["betas"][1]))
-            bias.append(self.gT.new_full((size,), 1 - g["betas"][1] ** (t + 1)))
-            eps.append(self.gT.new_full((size,), g["eps"]))
-        self.v, self.b2, self.bias, self.eps = (torch.cat(x) for x in (v, b2, bias, eps))
+        self.params = [blk.param for blk in cap.blocks]  # their columns are the buffer's, in order
+        self.optimizer, self.groups = optimizer, group_of(optimizer)
 
     def diag(self, q: torch.Tensor) -> torch.Tensor:
-        return ((self.b2 * self.v + (1 - self.b2) * q) / self.bias).sqrt_().add_(self.eps).reciprocal_()
+        """`D(q)` over the captured coordinates: the engine's own formula (fwsel.grads.metric)."""
+        return adam_diag_run(self.params, self.optimizer, self.groups, self.gT, "pool", q)[0]
 
     def products(self, q: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
         """`(K, b, y2)` in the metric `D(q)`, float64 on the CPU (one more Gram)."""
-        GD = self.G * self.diag(q)
+        D = self.diag(q)
+        GD = self.G * D
         K = (GD @ self.G.T).double().cpu().numpy()
         b = (GD @ self.gT).double().cpu().numpy()
-        y2 = float((self.gT * self.diag(q) * self.gT).sum())
+        y2 = float((self.gT * D * self.gT).sum())
         return K, b, y2
 
     def l2_gram(self) -> np.ndarray:

@@ -11,6 +11,7 @@ the optimizer's state.
 from __future__ import annotations
 
 import enum
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,9 @@ class Selection:
     diagnostics: dict[str, float] = field(default_factory=dict)  # logged as sel_<key>
 
 
+LOOP_KEYS = ("prefilter_keep",)  # keys of the selector group the loop reads (Trainer.shortlist)
+
+
 class Selector:
     """Base class. Subclasses set `name`, override `select`, and `needs` (and `engine_needs`) if
     they score."""
@@ -66,6 +70,22 @@ class Selector:
     def __init__(self, **cfg: Any) -> None:
         self.cfg = cfg
         self.name = cfg.get("name", self.name)
+        unknown = sorted(set(cfg) - self.config_keys())
+        if unknown:  # a misspelt key built from a config dict would otherwise be silently ignored
+            raise ValueError(f"selector.{unknown[0]} is not a key of selector {self.name!r} "
+                             f"(keys: {', '.join(sorted(self.config_keys()))})")
+
+    @classmethod
+    def config_keys(cls) -> set[str]:
+        """The keys a config may give: `name`, the loop's `LOOP_KEYS` and every named parameter of
+        the constructors down to this base (a subclass declares its keys as constructor arguments)."""
+        keys = {"name", *LOOP_KEYS}
+        for c in cls.__mro__[: cls.__mro__.index(Selector)]:
+            init = c.__dict__.get("__init__")
+            if init is not None:
+                keys |= {p.name for p in list(inspect.signature(init).parameters.values())[1:]
+                         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return keys
 
     @property
     def metric(self) -> str:
@@ -89,6 +109,14 @@ class Selector:
 
     def observe(self, fid: dict[str, float]) -> None:
         """The step's `fid_*` metrics once `fid_meas` is known (a selector may fit its model to them)."""
+
+    def state_dict(self) -> dict:
+        """What the selector carries from step to step (plain lists and numbers), for checkpoints:
+        empty for a selector whose choice is a function of the step's pool alone."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back what `state_dict` returned (on resume)."""
 
 
 def uniform(indices) -> Selection:

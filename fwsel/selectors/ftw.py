@@ -192,6 +192,13 @@ class FTW(Selector):
             lin, q = pending
             self._fit = 0.98 * self._fit + np.array([(meas - lin) * q, q * q])
 
+    def state_dict(self) -> dict:
+        return {"fit": self._fit.tolist()}  # alpha_fit's running sums: a resume continues the fit
+
+    def load_state_dict(self, state: dict) -> None:
+        if "fit" in state:
+            self._fit = np.asarray(state["fit"], dtype=np.float64)
+
     def current_alpha(self) -> float:
         """`alpha`, or with `alpha_fit` the fitted curvature scale (clamped to [0.01, 100]; `alpha`
         until a fit exists)."""
