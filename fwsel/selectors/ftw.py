@@ -80,7 +80,7 @@ class FTW(Selector):
         alpha: float = 1.0,
         fill: str = "none",
         w_max: float = 5.0,
-        ridge: float = 1e-4,
+        ridge: float = 1e-3,
         ridge_mode: str = "pool",
         omp_tol: float = 1e-3,
         min_gain: float = 0.0,
