@@ -43,9 +43,9 @@ BUDGETS = {"embedded": (0.25, 0.1), "shift": (0.25, 0.1)}  # the others: 0.25 on
 DEV_SEEDS, TEST_SEEDS = (100, 101, 102), (0, 1, 2, 3, 4)
 GREATS_SCALES = (10.0, 45.0, 150.0)  # 45 was best on the first version's dev seeds (upstream 1 ~ tracin there)
 ARMS = ("random", "source_oracle", "tracin", "full", "greats", "ftw_v1", "ftw")  # cheapest first
-# arms that are a selector plus overrides: ftw_v1 = ftw without its one v2 default change (clip_q=prev)
 PREFILTER = (0.05, 0.25)  # (budget, selector.prefilter_keep): the cheap first stage against unfiltered ftw
-ARM_OVERRIDES = {"ftw_v1": ["selector=ftw", "selector.name=ftw_v1", "selector.clip_q=none"]}
+# arms that are a selector plus overrides: ftw_v1 = ftw without its v2 default changes (clip_q=prev, ridge 1e-3)
+ARM_OVERRIDES = {"ftw_v1": ["selector=ftw", "selector.name=ftw_v1", "selector.clip_q=none", "selector.ridge=1.0e-4"]}
 RIVALS = ("greats", "tracin", "random")
 SOURCES = ("target", "related", "noisy", "irrelevant", "duplicate")
 KEEP = {"summary.json", "metrics.jsonl", "fwsel_config.yaml", "overrides.yaml"}
@@ -252,8 +252,8 @@ def report(mixtures, args, greats_scale: float, dev_table: list[str]) -> Path:
               + (f" (total {sum(wall.values()) / 60:.0f} min)" if wall else "")
               + ". Mixtures: `benchmarks/mixtures.py` (start: `scratch` = the tiny model's random init, `ckpt` = "
               "a checkpoint first trained on an unselected mix of every format). `ftw`: ftw's defaults (v2: "
-              "`selector.clip_q=prev`); `ftw v1`: the same code with the first version's defaults "
-              "(`selector.clip_q=none`)."]
+              "`selector.clip_q=prev`, `selector.ridge=1e-3`); `ftw v1`: the same code with the first version's "
+              "defaults (`selector.clip_q=none`, `selector.ridge=1e-4`)."]
     extra = {"Where ftw wins, where it does not, and why": SUITE_OUT / "analysis.md",
              "The prefilter at budget 0.05": SUITE_OUT / "prefilter.md",
              "ftw options (paired, dev seeds) and the defaults chosen": SUITE_OUT / "ftw_options.md"}
