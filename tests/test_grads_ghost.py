@@ -8,7 +8,7 @@ from test_grads import relerr
 from test_grads_update import IDX, W, assert_update_matches_autograd
 
 from fwsel.grads import GradEngine, sequence_losses
-from fwsel.grads.ghost import prefers_ghost, rank1
+from fwsel.grads.ghost import GhostOps, prefers_ghost, rank1, row_groups, token_gram
 
 from helpers_models import captured_params, oracle_grads, oracle_metric, random_batch, tiny_model, with_lora
 
@@ -172,3 +172,19 @@ def test_token_gram_under_gradient_checkpointing_and_chunked_loss():
     sc = GradEngine(model, opt, "sgd", grad_path="ghost", loss_chunk_tokens=4).score(pool, target, ("momentum",))
     assert model.is_gradient_checkpointing
     assert relerr(sc.K, ref.K) <= 1e-12 and relerr(sc.b, ref.b) <= 1e-12
+
+
+@pytest.mark.parametrize("lens,chunk", [([8] * 15 + [256], 64), ([3, 0, 5, 7, 1, 9], 4), ([0, 0, 4], 2)])
+def test_sq_norms_in_row_groups_equal_the_token_gram_diagonal(lens, chunk):
+    """One long row among short ones: the squared norms come in groups whose padded size stays
+    within `chunk` tokens (or one row), and equal the diagonal of the full token Gram."""
+    torch.manual_seed(0)
+    rows = torch.cat([torch.full((c,), i) for i, c in enumerate(lens)]).long()
+    X, E = torch.randn(len(rows), 5, dtype=torch.float64), torch.randn(len(rows), 7, dtype=torch.float64)
+    got = GhostOps(X, E, rows, len(lens), len(lens), chunk).sq_norms()
+    assert relerr(got, token_gram(X, E, rows, len(lens), 10**6).diagonal()) <= 1e-12
+    start = 0
+    for end, _ in row_groups(lens, chunk):
+        assert end - start == 1 or (end - start) * max(lens[start:end]) <= chunk
+        start = end
+    assert start == len(lens)

@@ -111,10 +111,19 @@ class GhostOps:
     def sq_norms(self, M=None, key="sgd") -> torch.Tensor:
         """[n] `<G_i, M ⊙ G_i>` (float64; rank-1 `M`): only same-row token pairs, as two batched
         per-row `[T, T]` Grams of the tokens padded to the longest row (not the masked Gram of
-        every token pair: that costs `(n T)^2` pairs for `n T^2`)."""
+        every token pair: that costs `(n T)^2` pairs for `n T^2`). Rows go in consecutive groups
+        whose padded size stays within `chunk` tokens (or one row), so one long row among short
+        ones does not pad the whole pool to its length."""
         X, E = self._scaled(M, key)
-        Xb, Eb = padded(X, self.rp, self.n), padded(E, self.rp, self.n)
-        return ((Xb @ Xb.transpose(1, 2)) * (Eb @ Eb.transpose(1, 2))).sum((1, 2)).double()
+        counts = torch.bincount(self.rp, minlength=self.n).tolist()
+        out = torch.zeros(self.n, dtype=torch.float64, device=X.device)
+        r0 = t0 = 0
+        for r1, t1 in row_groups(counts, self.chunk):
+            rows = self.rp[t0:t1] - r0
+            Xb, Eb = padded(X[t0:t1], rows, r1 - r0), padded(E[t0:t1], rows, r1 - r0)
+            out[r0:r1] = ((Xb @ Xb.transpose(1, 2)) * (Eb @ Eb.transpose(1, 2))).sum((1, 2)).double()
+            r0, t0 = r1, t1
+        return out
 
     def dots(self, W: torch.Tensor) -> torch.Tensor:
         """[n, m] `<G_i, W_a>` for the rows of `W` ([m, d_out * d_in]; exact for any metric)."""
@@ -125,6 +134,19 @@ class GhostOps:
                 Xs, Es = self.Xp[s : s + self.chunk], self.Ep[s : s + self.chunk]
                 out[:, a].index_add_(0, self.rp[s : s + self.chunk], ((Es @ Wa) * Xs).sum(1).double())
         return out
+
+
+def row_groups(counts: list[int], chunk: int):
+    """(end row, end token) of consecutive row groups whose `rows x longest row` stays within
+    `chunk` tokens (a row longer than `chunk` alone)."""
+    start, tmax, tok = 0, 0, 0
+    for i, c in enumerate(counts):
+        if i > start and (i + 1 - start) * max(tmax, c) > chunk:
+            yield i, tok
+            start, tmax = i, 0
+        tmax, tok = max(tmax, c), tok + c
+    if counts:
+        yield len(counts), tok
 
 
 def padded(X, rows, n: int) -> torch.Tensor:
