@@ -169,7 +169,12 @@ class Comm:
         before = [p.grad for p in params]
         for p in params:
             p.grad = None
-        yield
+        try:
+            yield
+        except BaseException:  # the block failed: the gradients from before it come back as they were
+            for p, old in zip(params, before):
+                p.grad = old
+            raise
         buckets: dict = {}
         for i, p in enumerate(params):
             buckets.setdefault((p.dtype, p.device), []).append(i)

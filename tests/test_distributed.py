@@ -232,3 +232,16 @@ def test_pool_q_from_summed_statistics_is_pool_q():
     want = pool_q(Gp, 1, 3)
     got = summed_pool_q(Gp.sum(0), (Gp * Gp).sum(0), 8, 3)
     assert torch.allclose(got, want, rtol=1e-9)
+
+
+def test_reduce_grads_gives_the_earlier_gradients_back_when_the_block_fails():
+    """A failing update inside the block (an out-of-memory error, say) must not lose the gradients
+    accumulated before it; nothing is all-reduced (the block never finished)."""
+    a = torch.nn.Parameter(torch.zeros(2))
+    a.grad = torch.ones(2)
+    kept = a.grad
+    with pytest.raises(RuntimeError, match="boom"):
+        with Comm(rank=0, world=2).reduce_grads([a]):
+            a.grad = torch.full((2,), 5.0)
+            raise RuntimeError("boom")
+    assert a.grad is kept and a.grad.tolist() == [1.0, 1.0]
