@@ -25,6 +25,16 @@ def _guarded_connect(self, address):
 socket.socket.connect = _guarded_connect
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads_session():
+    """One torch thread before any module-scoped fixture trains (a run and its resume must share
+    the thread count to be bit-exact; run alone, a module's fixture ran at the default count)."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads():
     import torch
