@@ -153,22 +153,33 @@ def test_rerun_sweep_resumes_the_interrupted_job(tmp_path, monkeypatch, capsys):
     assert text(jobs[1], "selected.jsonl") == text(ref, "selected.jsonl")
 
 
-def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path, monkeypatch, capsys):
-    args = [*FAST, "selector=ftw", "lora.enabled=true", "lora.r=2", "steps=6", "eval_every=3", "checkpoint_every=2"]
+def full_and_cut(args, tmp_path, monkeypatch):
+    """The uninterrupted run of `args` and one stopped by a signal after step 3 (its checkpoint)."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert run_cli(["train", *args, f"hydra.run.dir={full}"])[0] == 0
     with monkeypatch.context() as mp:
         signal_after(mp, 3)
         assert run_cli(["train", *args, f"hydra.run.dir={cut}"])[0] == 130
-    import torch
+    return full, cut
 
-    weights = torch.load(cut / "checkpoints" / "step-00000003" / "weights.pt", weights_only=True)
-    assert weights and all("lora_" in name for name in weights)  # no frozen base weights
+
+def assert_resumes_to(cut, full, capsys):
+    """`resume=cut` finishes the run with the uninterrupted run's metrics and selections."""
     code, out = run_cli(["train", f"resume={cut}"], capsys)
     assert code == 0, out
     assert summary(cut)["resumed_from_step"] == 3
     assert metric_rows(cut) == metric_rows(full)
     assert text(cut, "selected.jsonl") == text(full, "selected.jsonl")
+
+
+def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path, monkeypatch, capsys):
+    args = [*FAST, "selector=ftw", "lora.enabled=true", "lora.r=2", "steps=6", "eval_every=3", "checkpoint_every=2"]
+    full, cut = full_and_cut(args, tmp_path, monkeypatch)
+    import torch
+
+    weights = torch.load(cut / "checkpoints" / "step-00000003" / "weights.pt", weights_only=True)
+    assert weights and all("lora_" in name for name in weights)  # no frozen base weights
+    assert_resumes_to(cut, full, capsys)
 
 
 def test_alpha_fit_state_resumes_exactly(tmp_path, monkeypatch, capsys):
@@ -178,20 +189,11 @@ def test_alpha_fit_state_resumes_exactly(tmp_path, monkeypatch, capsys):
 
     args = [*FAST, "selector=ftw", "selector.objective=step", "selector.alpha_fit=true", "diagnostics.fidelity=true",
             "steps=5", "eval_every=5", "checkpoint_every=2"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    assert run_cli(["train", *args, f"hydra.run.dir={full}"])[0] == 0
-    with monkeypatch.context() as mp:
-        signal_after(mp, 3)
-        assert run_cli(["train", *args, f"hydra.run.dir={cut}"])[0] == 130
+    full, cut = full_and_cut(args, tmp_path, monkeypatch)
     state = torch.load(cut / "checkpoints" / "step-00000003" / "state.pt", weights_only=True)
     assert state["selector"]["fit"][1] > 0  # a fit exists at the cut
-    code, out = run_cli(["train", f"resume={cut}"], capsys)
-    assert code == 0, out
-    assert summary(cut)["resumed_from_step"] == 3
-    rows = metric_rows(full)
-    assert len({r["sel_alpha_fit"] for r in rows[1:]}) > 2  # the fit moves after the cut too
-    assert metric_rows(cut) == rows
-    assert text(cut, "selected.jsonl") == text(full, "selected.jsonl")
+    assert len({r["sel_alpha_fit"] for r in metric_rows(full)[1:]}) > 2  # the fit moves after the cut too
+    assert_resumes_to(cut, full, capsys)
 
 
 def test_second_sigint_abandons_the_step(tmp_path, monkeypatch, capsys):
