@@ -119,8 +119,7 @@ class GhostOps:
         out = torch.zeros(self.n, dtype=torch.float64, device=X.device)
         r0 = t0 = 0
         for r1, t1 in row_groups(counts, self.chunk):
-            rows = self.rp[t0:t1] - r0
-            Xb, Eb = padded(X[t0:t1], rows, r1 - r0), padded(E[t0:t1], rows, r1 - r0)
+            Xb, Eb = padded((X[t0:t1], E[t0:t1]), self.rp[t0:t1] - r0, r1 - r0)
             out[r0:r1] = ((Xb @ Xb.transpose(1, 2)) * (Eb @ Eb.transpose(1, 2))).sum((1, 2)).double()
             r0, t0 = r1, t1
         return out
@@ -149,12 +148,17 @@ def row_groups(counts: list[int], chunk: int):
         yield len(counts), tok
 
 
-def padded(X, rows, n: int) -> torch.Tensor:
-    """[n, T, d] the tokens `X` (sorted by row) of each of `n` rows, zero-padded to the longest."""
+def padded(factors, rows, n: int) -> list[torch.Tensor]:
+    """Each of `factors` (tokens sorted by row) as [n, T, d]: every row's tokens, zero-padded to
+    the longest (the positions computed once for all of them)."""
     counts = torch.bincount(rows, minlength=n)
-    pos = torch.arange(rows.numel(), device=X.device) - (torch.cumsum(counts, 0) - counts)[rows]
-    out = X.new_zeros(n, int(counts.max()) if rows.numel() else 0, X.shape[1])
-    out[rows, pos] = X
+    pos = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    width = int(counts.max()) if rows.numel() else 0
+    out = []
+    for F in factors:
+        Fb = F.new_zeros(n, width, F.shape[1])
+        Fb[rows, pos] = F
+        out.append(Fb)
     return out
 
 
