@@ -8,7 +8,8 @@ from test_grads import relerr
 from test_grads_update import IDX, W, assert_update_matches_autograd
 
 from fwsel.grads import GradEngine, sequence_losses
-from fwsel.grads.ghost import GhostOps, prefers_ghost, rank1, row_groups, token_gram
+from fwsel.grads.ghost import GhostOps, prefers_ghost, rank1, rank1_sampled, row_groups, token_gram
+from fwsel.grads.metric import adam_diag, adam_diag_sample, group_of, sample_columns, spread
 
 from helpers_models import captured_params, oracle_grads, oracle_metric, random_batch, tiny_model, with_lora
 
@@ -141,6 +142,32 @@ def test_rank1_is_exact_when_D_has_rank_1():
         G, gT, M, U, _ = oracle(model, opt, pool, target, metric, "state")
         assert sc.ghost["rank1_err_max"] <= 1e-6  # a diagnostic; K below is the exactness check
         assert relerr(sc.K, (G * M) @ G.T) <= 1e-10 and relerr(sc.b[:, 0], (G * M) @ gT) <= 1e-10
+
+
+def test_rank1_from_a_sample_of_rows_and_columns():
+    """The wide-layer fit reads ~64 rows and ~64 columns (runs of 8): exact for a rank-1 M, near
+    the full fit otherwise, and the sampled D equals the full D there."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(300, generator=g, dtype=F64) + 0.1, torch.rand(200, generator=g, dtype=F64) + 0.1
+    M = torch.outer(a, b) * 1e3
+    rows, (Mc, cols) = spread(300, 64), sample_columns(M, 64)
+    assert rows.numel() == 64 and cols.numel() == 64 and torch.equal(Mc, M[:, cols])
+    assert torch.equal(cols[:8], torch.arange(8)) and int(cols[-1]) == 199  # whole runs, first to last
+    u, c, err = rank1_sampled(M[rows], Mc, rows, cols)
+    assert err <= 1e-6 and relerr(torch.outer(u, c), M) <= 1e-12
+    noisy = M * (1 + 0.3 * torch.rand(300, 200, generator=g, dtype=F64))
+    u1, c1, e1 = rank1(noisy)
+    u2, c2, e2 = rank1_sampled(noisy[rows], noisy[:, cols], rows, cols)
+    assert relerr(torch.outer(u2, c2), torch.outer(u1, c1)) < 0.05 and abs(e2 - e1) < 0.05
+    full = rank1_sampled(noisy, noisy, None, None)
+    assert all(relerr(x, y) <= 1e-12 for x, y in zip(full[:2], (u1, c1)))
+
+    model, opt = wide()
+    p = model.model.layers[0].mlp.gate_proj.weight  # 512 x 256: both sampled
+    Dr, Dc, rows, cols, poor = adam_diag_sample(p, opt, group_of(opt), p.detach(), "state")
+    D = adam_diag(p, opt, group_of(opt), p.detach().reshape(-1), "state")[0].view(p.shape)
+    assert Dr.shape == (64, 256) and Dc.shape == (512, 64)
+    assert torch.equal(Dr, D[rows]) and torch.equal(Dc, D[:, cols])
 
 
 @pytest.mark.parametrize("metric", ["sgd", "adam"])

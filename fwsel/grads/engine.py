@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from .capture import Capture, check_peft, lora_layers, requires_grad
-from .ghost import PATHS, GhostOps, prefers_ghost
+from .ghost import PATHS, GhostOps, prefers_ghost, rank1_sampled
 from .local import local_update
 from .loss import concat_batches, sequence_losses, take_rows, unwrap
-from .metric import ADAM_Q, METRICS, adam_diag_run, group_of, pool_q, state_vec
+from .metric import ADAM_Q, METRICS, adam_diag_run, adam_diag_sample, group_of, pool_q, state_vec
 from .sums import MatOps, Scores, Sums
 
 DIRS = ("momentum", "decay")
@@ -225,9 +225,11 @@ class GradEngine:
                 ops = MatOps(self._rows[:n, cols], self._scratch)
             else:
                 ops = self._ghost[id(ghost)]
-                if self._gram_gives_b(acc, dirs):  # K, b, y2 from one token Gram over pool and target rows
-                    diag = self._diagonals(blocks, ops, ops.X.new_empty(0), n_bad, k_eff, groups, acc)
-                    acc.add_gram_all(ops.gram_all(diag[self.metric], self.metric), n, nt)
+                alone = self._gram_gives_b(acc, dirs)  # K, b, y2 from one token Gram over pool and target rows
+                if self._adam:
+                    self._fit_rank1(blocks[0].param, ops, groups, acc, count=alone)
+                if alone:
+                    acc.add_gram_all(ops.gram_all(None, self.metric), n, nt)
                     continue
             gT = t_coef[n:] @ self._rows[n:, cols] if ghost is None else ops.weighted_sum(t_coef)
             diag = self._diagonals(blocks, ops, gT, n_bad, k_eff, groups, acc)
@@ -306,6 +308,19 @@ class GradEngine:
         if "adam2" in (self.metric, *self.aux_metrics):
             diag["adam2"] = diag["adam"] ** 2
         return diag
+
+    def _fit_rank1(self, p, ops, groups, acc, count: bool) -> None:
+        """Each adam metric's rank-1 factors on a token-Gram layer, fitted on a sample of D's rows
+        and columns (its full D is a few passes over every weight; K, and with ghost_b=rank1 b and
+        y2, read only the factors). `count`: D is not formed in full, so the poor count is the
+        sample's, scaled."""
+        Dr, Dc, rows, cols, poor = adam_diag_sample(p, self.optimizer, groups, ops.X, self.ghost_q)
+        for m in sorted({self.metric, *self.aux_metrics} - {"sgd"}):
+            e = 1 if m == "adam" else 2
+            ops.set_rank1(m, *rank1_sampled(Dr**e, Dc**e, rows, cols))
+        if count:
+            acc.poor.append(torch.as_tensor(poor).to(acc.device))
+            acc.coords += p.numel()
 
     def _scratch(self, shape):
         """Room for one `shape` temporary: None (a fresh tensor) off the CPU, else a reused buffer."""

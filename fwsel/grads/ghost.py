@@ -21,9 +21,9 @@ a plain backward forms. In sgd geometry without extra directions `b` and `y2` co
 the token Gram of pool and target rows (cheap for short rows).
 The N x N Gram under a diagonal metric `M` does not factor; it is exact for `M = I` and uses a
 rank-1 approximation `M ≈ u c^T` (from the row and column means of `M` as a `d_out x d_in`
-matrix; exact when `M` has rank 1): then `<G_i, M ⊙ G_j> = sum_{t,s} (x_it ⊙ c . x_js)
-(e_it ⊙ u . e_js)`. The one-pass update `sum_S w_i G_i / |S| = E_S^T diag(w / |S|) X_S` is one
-matmul over the selected rows' tokens.
+matrix, on a wide layer over a sample of its rows and columns; exact when `M` has rank 1):
+then `<G_i, M ⊙ G_j> = sum_{t,s} (x_it ⊙ c . x_js) (e_it ⊙ u . e_js)`. The one-pass update
+`sum_S w_i G_i / |S| = E_S^T diag(w / |S|) X_S` is one matmul over the selected rows' tokens.
 """
 
 from __future__ import annotations
@@ -43,23 +43,43 @@ def rank1(M: torch.Tensor, iters: int = 0):
     """(u, c, relative Frobenius error) with `M ≈ u c^T` for a non-negative `d_out x d_in` matrix.
 
     From the row and column means, `u = mean_j M_ij`, `c = mean_i M_ij / mean(M)`: exact when M
-    has rank 1 (`M = a b^T` gives `a mean(b)` and `b mean(a)`), two passes over M. `iters`
+    has rank 1 (`M = a b^T` gives `a mean(b)` and `b / mean(b)`), two passes over M. `iters`
     alternating least-squares sweeps move it towards the leading singular pair; on 20-step tiny
     runs they did not raise the Spearman correlation with the exact Gram (0.9978 with none).
     """
+    u, c, err = rank1_sampled(M, M, None, None)
     tiny = torch.finfo(M.dtype).tiny
-    u = M.mean(1)
-    c = M.mean(0) / u.mean().clamp_min(tiny)
     for _ in range(iters):
         u = M @ c / (c @ c).clamp_min(tiny)
         c = M.T @ u / (u @ u).clamp_min(tiny)
-    # |M - u c^T|^2 = |M|^2 - 2 u.(M c) + |u|^2 |c|^2 without a d_out x d_in temporary (float64
-    # scalars; cancellation limits the reported error to ~sqrt(machine eps): a diagnostic)
+    if iters:
+        err = fit_error(M, u, c)
+    return u.clamp_min(0), c.clamp_min(0), err
+
+
+def rank1_sampled(Mr, Mc, rows, cols):
+    """`rank1` of M from some of its rows `Mr = M[rows, :]` and columns `Mc = M[:, cols]` (None:
+    all): `u` from the row means over the sampled columns, `c` from the column means over the
+    sampled rows divided by the mean over both. Still exact when M has rank 1 (`M = a b^T` gives
+    `u = a mean_cols(b)`, `c = b / mean_cols(b)`), and it never forms M: the adam metric of a
+    wide layer costs a pass per coordinate (fwsel.grads.metric.adam_diag_sample). The error is
+    measured on the sampled grid `M[rows, cols]`."""
+    tiny = torch.finfo(Mr.dtype).tiny
+    rows, cols = (None if i is None else i.to(Mr.device) for i in (rows, cols))
+    grid = Mr if cols is None else Mr[:, cols]
+    u = Mc.mean(1)
+    c = Mr.mean(0) / grid.mean().clamp_min(tiny)
+    err = fit_error(grid, u if rows is None else u[rows], c if cols is None else c[cols])
+    return u.clamp_min(0), c.clamp_min(0), err
+
+
+def fit_error(M, u, c) -> float:
+    """`|M - u c^T| / |M|` without a `d_out x d_in` temporary: `|M|^2 - 2 u.(M c) + |u|^2 |c|^2` in
+    float64 scalars (cancellation limits it to ~sqrt(machine eps): a diagnostic)."""
     m2 = float(torch.linalg.vector_norm(M).double() ** 2)
     uu, cc = float(u.double() @ u.double()), float(c.double() @ c.double())
     e2 = m2 - 2 * float(u.double() @ (M @ c).double()) + uu * cc
-    err = (max(e2, 0.0) / max(m2, 1e-300)) ** 0.5
-    return u.clamp_min(0), c.clamp_min(0), err
+    return (max(e2, 0.0) / max(m2, 1e-300)) ** 0.5
 
 
 class GhostOps:
@@ -85,15 +105,18 @@ class GhostOps:
         E, X = self.E[keep], self.X[keep]
         return ((E * s[keep, None]).T @ X).reshape(-1)
 
+    def set_rank1(self, key, u, c, err) -> None:
+        """Use `M ≈ u c^T` for metric `key` (fitted elsewhere, e.g. on sampled coordinates)."""
+        self.rank1_err[key] = err
+        self._factors[key] = (c.sqrt().to(self.X), u.sqrt().to(self.E))
+
     def _scaled(self, M, key, every_row=False):
-        """Factors scaled by the rank-1 square roots of `M` (None: unscaled): the pool's, or with
-        `every_row` those of pool and target rows."""
-        if M is None:
-            return (self.X, self.E) if every_row else (self.Xp, self.Ep)
+        """Factors scaled by the rank-1 square roots of `M` (factors set for `key` first, else fitted
+        to `M`; None and none set: unscaled): the pool's, or with `every_row` those of every row."""
         if key not in self._factors:
-            u, c, err = rank1(M.reshape(self.d_out, self.d_in))
-            self.rank1_err[key] = err
-            self._factors[key] = (c.sqrt().to(self.X), u.sqrt().to(self.E))
+            if M is None:
+                return (self.X, self.E) if every_row else (self.Xp, self.Ep)
+            self.set_rank1(key, *rank1(M.reshape(self.d_out, self.d_in)))
         c, u = self._factors[key]
         return (self.X * c, self.E * u) if every_row else (self.Xp * c, self.Ep * u)
 

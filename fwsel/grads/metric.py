@@ -82,6 +82,42 @@ def adam_diag_run(params, optimizer, groups, like: torch.Tensor, adam_q: str, q=
     return (parts[0] if len(parts) == 1 else torch.cat(parts)), poor
 
 
+def spread(d: int, n: int):
+    """About `n` of `d` positions, evenly spread (None: all, when `d <= n`)."""
+    return None if d <= n else torch.linspace(0, d - 1, n).round().long().unique()
+
+
+def sample_columns(v: torch.Tensor, n: int, width: int = 8):
+    """(v[:, cols], cols) for about `n` columns of `v` in runs of `width` spread evenly (cols None:
+    every column, when there are at most `n`). Whole runs read whole cache lines, so the sample
+    costs what it holds."""
+    d = v.shape[1]
+    if d <= n:
+        return v, None
+    if d % width:
+        cols = spread(d, n).to(v.device)
+        return v.index_select(1, cols), cols
+    runs = spread(d // width, max(n // width, 1)).to(v.device)
+    cols = (runs[:, None] * width + torch.arange(width, device=v.device)).reshape(-1)
+    return v.reshape(v.shape[0], -1, width).index_select(1, runs).reshape(v.shape[0], -1), cols
+
+
+def adam_diag_sample(p, optimizer, groups, like: torch.Tensor, adam_q: str, samples: int = 64):
+    """AdamW's D of a 2-D weight `p` on about `samples` of its rows (every column) and `samples`
+    of its columns (every row), for `fwsel.grads.ghost.rank1_sampled`: (D[rows], D[:, cols],
+    rows, cols, poor count estimated from the sampled rows). `adam_q`: state or taylor (q a
+    multiple of v). A wide layer's full D is a few passes over every coordinate per step."""
+    v = optimizer.state.get(p, {}).get("exp_avg_sq") if optimizer is not None else None
+    v = torch.zeros(p.shape, dtype=like.dtype, device=like.device) if v is None else v.detach()
+    rows = spread(v.shape[0], samples)
+    vr = v if rows is None else v.index_select(0, rows.to(v.device))
+    vc, cols = sample_columns(v, samples)
+    settings = _settings(p, optimizer, groups)
+    Dr, poor = _diag(vr.to(like), *settings, adam_q, None)
+    Dc, _ = _diag(vc.to(like), *settings, adam_q, None)
+    return Dr, Dc, rows, cols, poor * (v.numel() / max(vr.numel(), 1))
+
+
 def _settings(p, optimizer, groups) -> tuple:
     """(beta2, eps, steps taken) of `p`'s group and state."""
     g = groups.get(id(p))
