@@ -10,10 +10,10 @@ import numpy as np
 
 
 def normalise_mean1(w) -> np.ndarray:
-    """`w * n / sum(w)`: mean 1 over the given entries (all zero stays all zero)."""
+    """`w / mean(w)`: mean 1 over the given entries (all zero stays all zero; one entry is exactly 1)."""
     w = np.asarray(w, dtype=np.float64)
     total = w.sum()
-    return w * (len(w) / total) if total > 0 else w.copy()
+    return w / (total / len(w)) if total > 0 else w.copy()
 
 
 def cap_weights(w, w_max: float) -> tuple[np.ndarray, bool, bool]:
