@@ -50,7 +50,8 @@ class Poisoned(GradEngine):
 
 
 @pytest.mark.parametrize("metric,products", [("sgd", ("b", "sq_norms")), ("sgd", ("b", "k")),
-                                             ("sgd", ("b", "k", "sq_norms")), ("adam", ("b", "k"))])
+                                             ("sgd", ("b", "k", "sq_norms")), ("adam", ("b", "k")),
+                                             ("sgd", ("b",)), ("sgd", ("b", "nonzero"))])
 def test_a_nan_gradient_row_is_dropped_and_the_others_are_untouched(metric, products):
     model, opt = trained("full")
     pool, target = random_batch(5, seed=7), random_batch(2, seed=8)
@@ -59,9 +60,12 @@ def test_a_nan_gradient_row_is_dropped_and_the_others_are_untouched(metric, prod
     sc = engine.score(pool, target)
     keep = [0, 1, 3, 4]
     assert sc.finite.tolist() == [True, True, False, True, True] and bool(clean.finite.all())
-    assert (sc.b[2] == 0).all() and (sc.sq_norms[2] == 0) and (engine.cap.buf[2] == 0).all()
+    assert (sc.b[2] == 0).all() and (engine.cap.buf[2] == 0).all()
+    assert sc.sq_norms is None if products[-1] in ("b", "nonzero") else sc.sq_norms[2] == 0
     if metric == "sgd":  # no pool statistic: the other rows' products are exactly the clean ones
-        assert torch.equal(sc.b[keep], clean.b[keep]) and torch.equal(sc.sq_norms[keep], clean.sq_norms[keep])
+        assert torch.equal(sc.b[keep], clean.b[keep])
+        if sc.sq_norms is not None:
+            assert torch.equal(sc.sq_norms[keep], clean.sq_norms[keep])
     if sc.K is not None:
         assert (sc.K[2] == 0).all() and (sc.K[:, 2] == 0).all() and torch.isfinite(sc.K).all()
         if metric == "sgd":
@@ -104,3 +108,33 @@ def test_the_update_is_the_same_when_the_products_read_a_copy_of_the_rows():
         engine.apply_update([0, 3], [1.0, 2.0])
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-14)
+
+
+class ZeroRows(GradEngine):
+    """Zeroes pool row 1's gradient and, with `no_target`, every target row's (g_T = 0, so b = 0)."""
+
+    no_target = False
+
+    def _exchange(self, n, losses, rows):
+        rows[1] = 0
+        if self.no_target:
+            rows[n:] = 0
+        return super()._exchange(n, losses, rows)
+
+
+@pytest.mark.parametrize("grad_path", ["materialize", "auto"])
+@pytest.mark.parametrize("no_target", [False, True])
+def test_the_nonzero_mask_equals_positive_norms_without_forming_them(no_target, grad_path):
+    """TracIn's candidate mask from b (b_i != 0 means g_i != 0); rows with b_i = 0 (here every row,
+    when g_T = 0) settle it by their norms, the token-Gram head's (auto) included."""
+    model, opt = trained("full")
+    pool, target = random_batch(5, seed=11), random_batch(2, seed=12)
+    ref = ZeroRows(model, opt, "sgd", products=("b", "sq_norms"), grad_path=grad_path)
+    eng = ZeroRows(model, opt, "sgd", products=("b", "nonzero"), grad_path=grad_path)
+    ref.no_target = eng.no_target = no_target
+    a, b = ref.score(pool, target), eng.score(pool, target)
+    assert b.sq_norms is None and b.nonzero.tolist() == (a.sq_norms > 0).tolist()
+    if grad_path == "materialize":  # row 1's whole gradient is zero
+        assert b.nonzero.tolist() == [True, False, True, True, True] and bool((b.b == 0).all()) == no_target
+    else:  # its head part is not (a token-Gram layer: not in the buffer)
+        assert eng._ghost and bool(b.nonzero.all())

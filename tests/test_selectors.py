@@ -244,7 +244,7 @@ def test_ftw_overlap_less_and_poor_frac():
 
 
 def test_selectors_declare_only_the_products_they_read():
-    assert TracIn(name="t").engine_needs.products == Product.B | Product.SQ_NORMS  # no Gram
+    assert TracIn(name="t").engine_needs.products == Product.B | Product.NONZERO  # no Gram, no norms
     assert Product.K in Greats(name="g").engine_needs.products and Greats(name="g").metric == "sgd"
     assert GradNorm(name="g").engine_needs.products == Product.SQ_NORMS
     assert ftw().engine_needs.aux_metrics == () and Product.Y2 in ftw().engine_needs.products

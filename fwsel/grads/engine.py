@@ -16,7 +16,7 @@ from .metric import ADAM_Q, METRICS, adam_diag_run, adam_diag_sample, group_of, 
 from .sums import MatOps, Scores, Sums
 
 DIRS = ("momentum", "decay")
-PRODUCTS = ("b", "k", "y2", "sq_norms")
+PRODUCTS = ("b", "k", "y2", "sq_norms", "nonzero")
 GHOST_B = ("exact", "rank1")
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,25 @@ class GradEngine:
             acc.add(ops, U, diag, self.metric)
         if self._late_check():
             self._drop_late(acc, finite, n)
-        return acc.scores(finite[:n].clone(), self._ghost_info(self._adam))
+        scores = acc.scores(finite[:n].clone(), self._ghost_info(self._adam))
+        if "nonzero" in self.products:
+            scores.nonzero = self._nonzero(scores, n)
+        return scores
+
+    def _nonzero(self, sc: Scores, n: int) -> torch.Tensor:
+        """[n] `|g_i| > 0`: from the squared norms when formed, else `b_i != 0` (then `g_i != 0`),
+        with the finite rows where `b_i = 0` settled by their norms (rare: g_T = 0, or orthogonal)."""
+        if sc.sq_norms is not None:
+            return sc.sq_norms > 0
+        nz = sc.b[:, 0] != 0
+        idx = torch.nonzero(sc.finite & ~nz).flatten()
+        if idx.numel():
+            rows = self._rows[:n][idx.to(self._rows.device)]
+            sq = torch.linalg.vector_norm(rows, dim=1).double().cpu() ** 2 if rows.shape[1] else 0.0
+            for ops in self._ghost.values():
+                sq = sq + ops.sq_norms()[idx.to(ops.X.device)].cpu()
+            nz[idx] = torch.as_tensor(sq) > 0
+        return nz
 
     def plain_rows(self) -> torch.Tensor:
         """The rows the products read (pool, then target), any metric folded into the pool rows
@@ -261,22 +279,25 @@ class GradEngine:
         return M is not None and not self.aux_metrics and bool({"k", "sq_norms"} & self.products)
 
     def _late_check(self) -> bool:
-        """Whether the pool rows' finiteness comes from their squared norms (diag K or `sq_norms`,
-        formed anyway) instead of a pass over the buffer before the products: a NaN/inf entry makes
-        the row's squared norm non-finite, and in sgd geometry no statistic mixes pool rows, so
-        such a row spoils only its own products, which are then zeroed (`_drop_late`)."""
-        return self.late_row_check and not self._adam and bool({"k", "sq_norms"} & self.products)
+        """Whether the pool rows' finiteness comes from their products (`b`, always formed; diag K or
+        `sq_norms` when formed) instead of a pass over the buffer before them: a NaN/inf entry makes
+        the row's dot products non-finite (NaN times 0 is NaN), and in sgd geometry no statistic
+        mixes pool rows, so such a row spoils only its own products, which are then zeroed
+        (`_drop_late`). A finite row whose products overflow counts as non-finite too."""
+        return self.late_row_check and not self._adam
 
     def _drop_late(self, acc, finite, n: int) -> None:
-        """Pool rows whose squared norm is not finite: not finite, their products and buffer rows zero."""
+        """Pool rows with a non-finite product: not finite, their products and buffer rows zero."""
+        bad = ~torch.isfinite(acc.B).all(1)
         sq = acc.K.diagonal() if acc.K is not None else acc.sq
-        bad = ~torch.isfinite(sq)
+        if sq is not None:
+            bad |= ~torch.isfinite(sq)
         if not bool(bad.any()):
             return
         finite[:n] &= ~bad.cpu()
         if acc.K is not None:
             acc.K[bad], acc.K[:, bad] = 0, 0
-        else:
+        elif acc.sq is not None:
             acc.sq[bad] = 0
         acc.B[bad] = 0
         for out in acc.aux.values():

@@ -3,7 +3,7 @@
 A selector declares an `EngineNeeds` once; the loop hands it to `build_engine` together with
 the `engine:` config group (how to compute: path, micro-batches, sketch). `products` names the
 products the selector reads, so an engine may skip the ones nobody uses (TracIn reads `b` and
-the squared norms of its candidate mask, never `K`); an engine may still return more. Always
+which rows have a non-zero gradient, never `K` or the norms); an engine may still return more. Always
 there: `losses`, `target_losses`, `finite` (and `poor_frac` in the adam metrics); with `K` also
 `sq_norms` (its diagonal). A product nobody asked for may be left as zeros of its usual shape.
 """
@@ -23,10 +23,11 @@ class Product(enum.Flag):
     K = enum.auto()  # the Gram K = <g_i, M g_j> (its diagonal gives the squared norms)
     Y2 = enum.auto()  # y2 = <g_T, M g_T> and dir_gram
     SQ_NORMS = enum.auto()  # |g_i|_M^2 = diag(K), wanted without the rest of K
+    NONZERO = enum.auto()  # |g_i| > 0 alone (Scores.nonzero): from b where b_i != 0, cheaper than the norms
 
     @classmethod
     def all(cls) -> "Product":
-        return cls.B | cls.K | cls.Y2 | cls.SQ_NORMS
+        return cls.B | cls.K | cls.Y2 | cls.SQ_NORMS | cls.NONZERO
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ class Scores:
     aux: dict = field(default_factory=dict)  # metric -> {"b": [N], "sq_norms": [N], "y2": float}
     n_tokens: torch.Tensor | None = None  # [N] supervised tokens per pool row (int64)
     ghost: dict = field(default_factory=dict)  # token-Gram layers: {"layers", "adam_q", "rank1_err_max"}
+    nonzero: torch.Tensor | None = None  # [N] bool |g_i| > 0 (Product.NONZERO; else from sq_norms)
 
 
 class MatOps:

@@ -150,6 +150,8 @@ def as_np(x) -> np.ndarray:
 def candidates(scores) -> np.ndarray:
     """Rows a gradient selector may pick: finite gradient and `|g_i| > 0` (docs/method.md#products)."""
     finite = scores.finite.detach().cpu().numpy().astype(bool)
+    if getattr(scores, "nonzero", None) is not None:
+        return finite & scores.nonzero.detach().cpu().numpy().astype(bool)
     return finite & (as_np(scores.sq_norms) > 0)
 
 
