@@ -7,6 +7,7 @@ import torch
 from test_grads import relerr, trained
 
 from fwsel.grads import GradEngine, sequence_losses
+from fwsel.grads.local import LocalSite, local_update
 from fwsel.grads.loss import concat_batches, take_rows
 
 from helpers_models import captured_params, random_batch, tiny_model, with_lora
@@ -64,6 +65,7 @@ def assert_update_matches_autograd(model, opt, metric, pool, target, idx, w, **e
     assert relerr(grads_of(params), grads_of(ref_params)) <= 1e-10
     fb = {id(p) for p in engine.cap.fallback}  # the fallback path really carried embeddings and norms
     assert all(not torch.equal(p.grad, b) for p, b in zip(params, before) if id(p) in fb)
+    assert all(s.closed for s in engine.cap.local)  # embeddings and Llama's norms: closed forms, checked
     opt.step()
     ref_opt.step()
     theta = torch.cat([p.detach().reshape(-1) for p in params])
@@ -133,3 +135,38 @@ def test_reentrant_checkpointing_is_refused():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(RuntimeError, match="reentrant"):
         GradEngine(model, None, "sgd").score(random_batch(3, seed=1), random_batch(2, seed=2))
+
+
+class PlainRMSNorm(torch.nn.Module):
+    """Named like an RMSNorm but only scales: the RMSNorm closed form does not fit it."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight, self.eps = torch.nn.Parameter(torch.rand(d, dtype=F64) + 0.5), 1e-6
+
+    def forward(self, x):
+        return self.weight * x * 2.0
+
+
+@pytest.mark.parametrize("module", [PlainRMSNorm(6), torch.nn.LayerNorm(6, dtype=F64),
+                                    torch.nn.Embedding(9, 6, padding_idx=0, dtype=F64)])
+def test_local_closed_forms_are_checked_once_and_fall_back_when_wrong(module):
+    """The row-wise update by closed form equals autograd through the module, or (a module the
+    form does not fit) is found out on the first update and re-run from then on."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 9, (4, 5), generator=g) if isinstance(module, torch.nn.Embedding) else \
+        torch.randn(4, 5, 6, generator=g, dtype=F64)
+    e = torch.randn(4, 5, 6, generator=g, dtype=F64)
+    coef = torch.tensor([0.5, 0.0, 2.0, 1.0], dtype=F64)
+    params = [p for p in module.parameters()]
+    site = LocalSite(module, params, saved=[(x, e, 0)])
+    for _ in range(2):
+        for p in params:
+            p.grad = None
+        local_update([site], coef)
+        with torch.enable_grad():
+            ref = torch.autograd.grad((module(x) * e * coef[:, None, None]).sum(), params)
+        assert all(relerr(p.grad, r) <= 1e-12 for p, r in zip(params, ref))
+        assert site.closed is (not isinstance(module, PlainRMSNorm))
+    if isinstance(module, torch.nn.Embedding):
+        assert (params[0].grad[0] == 0).all()  # the padding row never trains
