@@ -254,7 +254,9 @@ class Capture:
             m, kw = site.module, dict(dtype=self.dtype, device=self.device)
             return (torch.zeros(0, m.in_features, **kw), torch.zeros(0, m.out_features, **kw),
                     torch.zeros(0, dtype=torch.long, device=self.device))
-        X, E, rows = (torch.cat(parts) for parts in zip(*site.factors))
+        X, E, rows = (parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*site.factors))
+        if rows.numel() < 2 or bool((rows[1:] >= rows[:-1]).all()):  # calls came in row order
+            return X, E, rows
         order = torch.argsort(rows, stable=True)
         return X[order], E[order], rows[order]
 
@@ -311,10 +313,11 @@ class Capture:
             n = x.shape[0]
             X, E = x.reshape(n, -1, x.shape[-1]), e.reshape(n, -1, e.shape[-1])
             if site.ghost:
-                keep = mask if mask is not None and mask.shape == X.shape[:2] else \
-                    torch.ones(X.shape[:2], dtype=torch.bool, device=X.device)  # no mask: every token
-                r = torch.arange(rows, rows + n, device=X.device)[:, None].expand(keep.shape)
-                site.factors.append((X[keep], E[keep], r[keep]))
+                r = torch.arange(rows, rows + n, device=X.device)[:, None].expand(X.shape[:2])
+                if mask is None or mask.shape != X.shape[:2] or bool(mask.all()):  # every token: views
+                    site.factors.append((X.reshape(-1, X.shape[-1]), E.reshape(-1, E.shape[-1]), r.reshape(-1)))
+                else:
+                    site.factors.append((X[mask], E[mask], r[mask]))
             else:  # G_i = E_i^T X_i written (first call) or added in place into the row's columns
                 dst = self.buf[rows : rows + n, w.start : w.end].view(n, E.shape[-1], X.shape[-1])
                 if self._first(w, span):

@@ -91,9 +91,9 @@ class GhostOps:
 
     def __init__(self, X, E, rows, n: int, n_all: int, chunk: int):
         self.n, self.n_all, self.chunk = n, n_all, max(int(chunk), 1)
-        pool = rows < n
+        end = int(torch.searchsorted(rows, torch.tensor(n, dtype=rows.dtype, device=rows.device)))
         self.X, self.E, self.rows = X, E, rows  # every row (pool and target)
-        self.Xp, self.Ep, self.rp = X[pool], E[pool], rows[pool]
+        self.Xp, self.Ep, self.rp = X[:end], E[:end], rows[:end]  # the pool's tokens come first
         self.d_out, self.d_in = E.shape[1], X.shape[1]
         self.rank1_err: dict = {}
         self._factors: dict = {}
