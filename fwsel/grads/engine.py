@@ -9,14 +9,14 @@ import numpy as np
 import torch
 
 from .capture import Capture, check_peft, lora_layers, requires_grad
-from .ghost import PATHS, GhostOps, prefers_ghost, rank1_sampled
+from .ghost import PATHS, GhostOps, fit_adam_rank1, prefers_ghost
 from .local import local_update
 from .loss import concat_batches, sequence_losses, take_rows, unwrap
-from .metric import ADAM_Q, METRICS, adam_diag_run, adam_diag_sample, group_of, pool_q, state_vec
-from .sums import MatOps, Scores, Sums
+from .metric import ADAM_Q, METRICS, adam_diag_run, group_of, pool_q, state_vec
+from .needs import wanted
+from .sums import MatOps, Scores, Sums, nonzero_mask
 
 DIRS = ("momentum", "decay")
-PRODUCTS = ("b", "k", "y2", "sq_norms", "nonzero")
 GHOST_B = ("exact", "rank1")
 log = logging.getLogger(__name__)
 
@@ -32,18 +32,6 @@ def finite_picks(indices, weights, finite: torch.Tensor) -> tuple[np.ndarray, np
         warnings.warn(f"dropping non-finite candidates {idx[~ok].tolist()} from the update")
         idx, w = idx[ok], w[ok]
     return idx, w
-
-
-def wanted(products) -> frozenset:
-    """`products` as a set of `PRODUCTS` names: None (all), names, or an enum flag whose members
-    carry those names (any case)."""
-    if products is None:
-        return frozenset(PRODUCTS)
-    items = [products] if isinstance(products, str) else list(products)  # a flag iterates its members
-    names = frozenset(str(getattr(p, "name", p)).lower() for p in items)
-    if names - set(PRODUCTS):
-        raise ValueError(f"products must be among {PRODUCTS}, got {sorted(names - set(PRODUCTS))}")
-    return names
 
 
 class GradEngine:
@@ -226,8 +214,12 @@ class GradEngine:
             else:
                 ops = self._ghost[id(ghost)]
                 alone = self._gram_gives_b(acc, dirs)  # K, b, y2 from one token Gram over pool and target rows
-                if self._adam:
-                    self._fit_rank1(blocks[0].param, ops, groups, acc, count=alone)
+                if self._adam:  # each adam metric's rank-1 factors, fitted on sampled coordinates
+                    poor = fit_adam_rank1(ops, blocks[0].param, self.optimizer, groups, self.ghost_q,
+                                          {self.metric, *self.aux_metrics} - {"sgd"})
+                    if alone:  # D is not formed in full: the poor count is the sample's, scaled
+                        acc.poor.append(torch.as_tensor(poor).to(acc.device))
+                        acc.coords += blocks[0].param.numel()
                 if alone:
                     acc.add_gram_all(ops.gram_all(None, self.metric), n, nt)
                     continue
@@ -245,23 +237,8 @@ class GradEngine:
             self._drop_late(acc, finite, n)
         scores = acc.scores(finite[:n].clone(), self._ghost_info(self._adam))
         if "nonzero" in self.products:
-            scores.nonzero = self._nonzero(scores, n)
+            scores.nonzero = nonzero_mask(scores, self._rows[:n], self._ghost.values())
         return scores
-
-    def _nonzero(self, sc: Scores, n: int) -> torch.Tensor:
-        """[n] `|g_i| > 0`: from the squared norms when formed, else `b_i != 0` (then `g_i != 0`),
-        with the finite rows where `b_i = 0` settled by their norms (rare: g_T = 0, or orthogonal)."""
-        if sc.sq_norms is not None:
-            return sc.sq_norms > 0
-        nz = sc.b[:, 0] != 0
-        idx = torch.nonzero(sc.finite & ~nz).flatten()
-        if idx.numel():
-            rows = self._rows[:n][idx.to(self._rows.device)]
-            sq = torch.linalg.vector_norm(rows, dim=1).double().cpu() ** 2 if rows.shape[1] else 0.0
-            for ops in self._ghost.values():
-                sq = sq + ops.sq_norms()[idx.to(ops.X.device)].cpu()
-            nz[idx] = torch.as_tensor(sq) > 0
-        return nz
 
     def plain_rows(self) -> torch.Tensor:
         """The rows the products read (pool, then target), any metric folded into the pool rows
@@ -329,19 +306,6 @@ class GradEngine:
         if "adam2" in (self.metric, *self.aux_metrics):
             diag["adam2"] = diag["adam"] ** 2
         return diag
-
-    def _fit_rank1(self, p, ops, groups, acc, count: bool) -> None:
-        """Each adam metric's rank-1 factors on a token-Gram layer, fitted on a sample of D's rows
-        and columns (its full D is a few passes over every weight; K, and with ghost_b=rank1 b and
-        y2, read only the factors). `count`: D is not formed in full, so the poor count is the
-        sample's, scaled."""
-        Dr, Dc, rows, cols, poor = adam_diag_sample(p, self.optimizer, groups, ops.X, self.ghost_q)
-        for m in sorted({self.metric, *self.aux_metrics} - {"sgd"}):
-            e = 1 if m == "adam" else 2
-            ops.set_rank1(m, *rank1_sampled(Dr**e, Dc**e, rows, cols))
-        if count:
-            acc.poor.append(torch.as_tensor(poor).to(acc.device))
-            acc.coords += p.numel()
 
     def _scratch(self, shape):
         """Room for one `shape` temporary: None (a fresh tensor) off the CPU, else a reused buffer."""

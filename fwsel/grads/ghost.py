@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from .metric import adam_diag_sample
+
 PATHS = ("auto", "materialize", "ghost")
 
 
@@ -80,6 +82,17 @@ def fit_error(M, u, c) -> float:
     uu, cc = float(u.double() @ u.double()), float(c.double() @ c.double())
     e2 = m2 - 2 * float(u.double() @ (M @ c).double()) + uu * cc
     return (max(e2, 0.0) / max(m2, 1e-300)) ** 0.5
+
+
+def fit_adam_rank1(ops, p, optimizer, groups, adam_q: str, metrics) -> torch.Tensor:
+    """Set on `ops` (a token-Gram layer of weight `p`) the rank-1 factors of each adam metric in
+    `metrics` (adam: D, adam2: D^2), fitted on sampled rows and columns of D: its full D is a few
+    passes over every weight. Returns the sample's poor count, scaled to the whole weight."""
+    Dr, Dc, rows, cols, poor = adam_diag_sample(p, optimizer, groups, ops.X, adam_q)
+    for m in sorted(metrics):
+        e = 1 if m == "adam" else 2
+        ops.set_rank1(m, *rank1_sampled(Dr**e, Dc**e, rows, cols))
+    return poor
 
 
 class GhostOps:

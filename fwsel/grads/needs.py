@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from .metric import ADAM_Q, METRICS
 
+PRODUCTS = ("b", "k", "y2", "sq_norms", "nonzero")  # the engine's names for them (`wanted`)
+
 
 class Product(enum.Flag):
     """Products of `Scores` (see docs/method.md#products)."""
@@ -47,3 +49,15 @@ class EngineNeeds:
         if self.adam_q not in ADAM_Q:
             raise ValueError(f"adam_q must be one of {'|'.join(ADAM_Q)}, got {self.adam_q!r}")
         object.__setattr__(self, "aux_metrics", tuple(self.aux_metrics))
+
+
+def wanted(products) -> frozenset:
+    """`products` as a set of `PRODUCTS` names: None (all), names, or an enum flag whose members
+    carry those names (any case)."""
+    if products is None:
+        return frozenset(PRODUCTS)
+    items = [products] if isinstance(products, str) else list(products)  # a flag iterates its members
+    names = frozenset(str(getattr(p, "name", p)).lower() for p in items)
+    if names - set(PRODUCTS):
+        raise ValueError(f"products must be among {PRODUCTS}, got {sorted(names - set(PRODUCTS))}")
+    return names

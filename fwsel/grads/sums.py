@@ -100,3 +100,20 @@ class Sums:
         poor = float(torch.stack(self.poor).sum()) / self.coords if self.coords else None
         return Scores(K=K, b=B, y2=float(G[0, 0]), dir_gram=G, losses=None, target_losses=None, sq_norms=sq,
                       finite=finite, poor_frac=poor, aux=aux, ghost=ghost)
+
+
+def nonzero_mask(sc: Scores, pool_rows: torch.Tensor, ghost_ops) -> torch.Tensor:
+    """[n] `|g_i| > 0`: from the squared norms when formed, else `b_i != 0` (then `g_i != 0`), the
+    finite rows with `b_i = 0` (rare: g_T = 0, or orthogonal) settled by their norms over the
+    buffer's rows `pool_rows` and every token-Gram layer's `ghost_ops`."""
+    if sc.sq_norms is not None:
+        return sc.sq_norms > 0
+    nz = sc.b[:, 0] != 0
+    idx = torch.nonzero(sc.finite & ~nz).flatten()
+    if idx.numel():
+        rows = pool_rows[idx.to(pool_rows.device)]
+        sq = torch.linalg.vector_norm(rows, dim=1).double().cpu() ** 2 if rows.shape[1] else 0.0
+        for ops in ghost_ops:
+            sq = sq + ops.sq_norms()[idx.to(ops.X.device)].cpu()
+        nz[idx] = torch.as_tensor(sq) > 0
+    return nz
