@@ -27,6 +27,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from .blas import bmm_into
 from .local import LocalSite, find_local
 from .loss import unwrap
 
@@ -321,7 +322,7 @@ class Capture:
             else:  # G_i = E_i^T X_i written (first call) or added in place into the row's columns
                 dst = self.buf[rows : rows + n, w.start : w.end].view(n, E.shape[-1], X.shape[-1])
                 if self._first(w, span):
-                    torch.bmm(E.transpose(1, 2), X, out=dst)
+                    bmm_into(E.transpose(1, 2), X, dst)
                 else:
                     dst.baddbmm_(E.transpose(1, 2), X)
             if b is not None:

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import torch
 
+from . import blas
 from .capture import Capture, check_peft, lora_layers, requires_grad
 from .ghost import PATHS, GhostOps, fit_adam_rank1, prefers_ghost
 from .local import local_update
@@ -137,7 +138,7 @@ class GradEngine:
         cap = self.cap
         ghost = self.plan(batch, n)
         cap.layout(ghost)
-        with torch.enable_grad(), cap.scoring(rows):
+        with torch.enable_grad(), cap.scoring(rows), blas.threads():
             for s in range(0, rows, mb):
                 sub = {key: val[s : s + mb] for key, val in batch.items()}
                 cap.offset, cap.mb_rows = s, sub["input_ids"].shape[0]

@@ -1,0 +1,31 @@
+"""The CPU per-row matmul through numpy's BLAS: the same numbers as torch's, at torch's thread count."""
+
+import pytest
+import torch
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from fwsel.grads import blas
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_bmm_into_a_strided_buffer_equals_torch(dtype):
+    g = torch.Generator().manual_seed(0)
+    E, X = torch.randn(5, 7, 6, generator=g).to(dtype), torch.randn(5, 7, 4, generator=g).to(dtype)
+    buf = torch.full((5, 40), float("nan"), dtype=dtype)
+    out = buf[:, 3:27].view(5, 6, 4)  # one block of a row-major per-sample buffer: batch stride 40
+    blas.bmm_into(E.transpose(1, 2), X, out)
+    ref = torch.bmm(E.transpose(1, 2).double(), X.double())
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 2e-2)
+    assert (out.double() - ref).abs().max() <= tol * ref.abs().max()
+    assert buf[:, :3].isnan().all() and buf[:, 27:].isnan().all()  # nothing outside the block written
+
+
+def test_the_scoring_pass_holds_numpys_blas_to_torchs_threads():
+    def blas_threads():
+        return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    with threadpool_limits(limits=3, user_api="blas"):  # as OpenBLAS starts on a 3-core machine
+        with blas.threads():
+            inside = blas_threads()
+        after = blas_threads()
+    assert inside and set(inside.values()) == {torch.get_num_threads()} and set(after.values()) == {3}
