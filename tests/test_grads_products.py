@@ -57,12 +57,15 @@ def test_rank1_b_shares_the_gram_and_is_exact_when_D_has_rank_1():
     kw = {"adam_q": "state", "grad_path": "ghost"}
     exact = GradEngine(model, opt, "adam", **kw).score(pool, target, k=3)
     approx = GradEngine(model, opt, "adam", ghost_b="rank1", **kw).score(pool, target, k=3)
-    assert relerr(approx.K, exact.K) <= 1e-10  # the same rank-1 Gram
+    # rank1 never forms D: its rank-1 factors come from sampled rows and columns of D, close to the
+    # fit on the whole D that exact (which forms D for b anyway) uses
+    assert 1e-8 < relerr(approx.K, exact.K) < 0.1
     assert 1e-8 < relerr(approx.b, exact.b) < 0.5 and abs(approx.y2 / exact.y2 - 1) < 0.5
     model, opt = wide(steps=0, eps=0.0)
     rank1_state(model, opt, torch.Generator().manual_seed(0))
     exact = GradEngine(model, opt, "adam", **kw).score(pool, target, k=3)
     approx = GradEngine(model, opt, "adam", ghost_b="rank1", **kw).score(pool, target, k=3)
+    assert relerr(approx.K, exact.K) <= 1e-10  # D of rank 1: both fits are exact, the same Gram
     assert relerr(approx.b, exact.b) <= 1e-10 and abs(approx.y2 / exact.y2 - 1) <= 1e-10
     with pytest.raises(ValueError, match="ghost_b"):
         GradEngine(model, opt, "adam", ghost_b="rank2")

@@ -170,3 +170,21 @@ def test_local_closed_forms_are_checked_once_and_fall_back_when_wrong(module):
         assert site.closed is (not isinstance(module, PlainRMSNorm))
     if isinstance(module, torch.nn.Embedding):
         assert (params[0].grad[0] == 0).all()  # the padding row never trains
+
+
+def test_a_closed_form_is_judged_only_on_a_finite_non_zero_gradient():
+    """A first update whose module gradient is not finite proves nothing: the check waits."""
+    module = PlainRMSNorm(6)
+    g = torch.Generator().manual_seed(1)
+    x, e = torch.randn(2, 3, 6, generator=g, dtype=F64), torch.randn(2, 3, 6, generator=g, dtype=F64)
+    bad = e.clone()
+    bad[0, 0, 0] = float("inf")
+    site = LocalSite(module, [module.weight], saved=[(x, bad, 0)])
+    local_update([site], torch.ones(2, dtype=F64))
+    assert site.closed is None
+    site.saved = [(x, torch.zeros_like(e), 0)]  # an all-zero gradient: no evidence either
+    local_update([site], torch.ones(2, dtype=F64))
+    assert site.closed is None
+    site.saved = [(x, e, 0)]
+    local_update([site], torch.ones(2, dtype=F64))
+    assert site.closed is False

@@ -28,8 +28,9 @@ transformers causal LM, plain or peft-LoRA-wrapped.
   gradient of row i's mean-token loss.
 * `GradEngine.apply_update(indices, weights)`: adds `(1/|S|) sum w_i g_i` to `.grad` of the
   captured parameters from the kept per-sample gradients; embeddings and norms (row-wise
-  modules owning their weights) re-run alone on the selected rows with their kept output
-  gradients (fwsel.grads.local); only what remains (a weight tied to the head) gets one
+  modules owning their weights) from their kept inputs and output gradients, by a closed form
+  once it has matched a re-run of the module alone on the selected rows (fwsel.grads.local);
+  only what remains (a weight tied to the head) gets one
   weighted backward over the selected rows. It does not clip or step. Scoring itself never
   touches `.grad` (gradient accumulation is safe).
 
@@ -47,8 +48,10 @@ hook, so checkpointing drops it after the forward and recomputes it in backward 
 layer's own activations (the memory saving holds), and recomputed forwards are not captured twice.
 
 What is formed (`products=`, a `fwsel.grads.needs.Product` or names): `k` (the Gram; its
-diagonal gives the squared norms), `sq_norms` alone (one fused pass, no Gram), `b`, `y2`. A
-selector that reads only `b` and the norms (TracIn) costs no Gram.
+diagonal gives the squared norms), `sq_norms` alone (one fused pass, no Gram), `b`, `y2`,
+`nonzero` (`Scores.nonzero`, which rows have `g_i != 0`: `b_i != 0`, the rest by their norms).
+A selector that reads only `b` and the non-zero mask (TracIn) costs no Gram and no norm pass;
+in sgd geometry a row's finiteness then comes from its `b` (a NaN entry makes it NaN).
 
 Two product paths per captured Linear (`grad_path`, fwsel.grads.ghost has the cost model):
 materialise (the per-sample gradients as a `[N + v, P]` buffer, float32 or float64 for float64

@@ -215,13 +215,12 @@ class GradEngine:
             else:
                 ops = self._ghost[id(ghost)]
                 alone = self._gram_gives_b(acc, dirs)  # K, b, y2 from one token Gram over pool and target rows
-                if self._adam:  # each adam metric's rank-1 factors, fitted on sampled coordinates
-                    poor = fit_adam_rank1(ops, blocks[0].param, self.optimizer, groups, self.ghost_q,
-                                          {self.metric, *self.aux_metrics} - {"sgd"})
-                    if alone:  # D is not formed in full: the poor count is the sample's, scaled
-                        acc.poor.append(torch.as_tensor(poor).to(acc.device))
+                if alone:  # D is never formed in full here: its rank-1 factors come from sampled coordinates
+                    if self._adam:
+                        poor = fit_adam_rank1(ops, blocks[0].param, self.optimizer, groups, self.ghost_q,
+                                              {self.metric})
+                        acc.poor.append(torch.as_tensor(poor).to(acc.device))  # the sample's, scaled
                         acc.coords += blocks[0].param.numel()
-                if alone:
                     acc.add_gram_all(ops.gram_all(None, self.metric), n, nt)
                     continue
             gT = t_coef[n:] @ self._rows[n:, cols] if ghost is None else ops.weighted_sum(t_coef)
@@ -266,7 +265,7 @@ class GradEngine:
 
     def _drop_late(self, acc, finite, n: int) -> None:
         """Pool rows with a non-finite product: not finite, their products and buffer rows zero."""
-        bad = ~torch.isfinite(acc.B).all(1)
+        bad = ~torch.isfinite(acc.B[:, 0])  # g_T's column (an extra direction may itself be non-finite)
         sq = acc.K.diagonal() if acc.K is not None else acc.sq
         if sq is not None:
             bad |= ~torch.isfinite(sq)

@@ -15,6 +15,7 @@ to the embedding, unknown module types) keeps the weighted backward over the sel
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +29,7 @@ class LocalSite:
     module: nn.Module
     params: list
     saved: list = field(default_factory=list)  # (input, output grad, first global row) per call
-    closed: bool | None = None  # `closed_form` in use: None until checked against the re-run once
+    closed: bool | None = None  # `closed_form` in use: None until checked against a re-run (finite, non-zero)
 
 
 def row_wise(m: nn.Module) -> bool:
@@ -82,16 +83,21 @@ def closed_form(m: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict | None:
     return None
 
 
-def _agrees(got: dict, params, ref) -> bool:
-    """Whether the closed form's gradients `got` match autograd's `ref` (to rounding)."""
+def _agrees(got: dict, params, ref) -> bool | None:
+    """Whether the closed form's gradients `got` match autograd's `ref` (to rounding); None (check
+    again next update) when autograd's are not finite or all zero: no evidence either way."""
+    verdicts = []
     for p, r in zip(params, ref):
         mine = got.get(id(p))
         if r is None or mine is None or mine.shape != r.shape:
             return False
-        tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(r.dtype, 3e-2) * float(r.abs().max()) + 1e-30
-        if float((mine.to(r.dtype) - r).abs().max()) > tol:
-            return False
-    return True
+        scale = float(r.abs().max())
+        if not math.isfinite(scale) or scale == 0:
+            verdicts.append(None)
+            continue
+        tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(r.dtype, 3e-2) * scale
+        verdicts.append(float((mine.to(r.dtype) - r).abs().max()) <= tol)  # NaN: False
+    return False if False in verdicts else None if None in verdicts else True
 
 
 def _add_grad(p, g) -> None:

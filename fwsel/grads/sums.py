@@ -111,8 +111,9 @@ def nonzero_mask(sc: Scores, pool_rows: torch.Tensor, ghost_ops) -> torch.Tensor
     nz = sc.b[:, 0] != 0
     idx = torch.nonzero(sc.finite & ~nz).flatten()
     if idx.numel():
-        rows = pool_rows[idx.to(pool_rows.device)]
-        sq = torch.linalg.vector_norm(rows, dim=1).double().cpu() ** 2 if rows.shape[1] else 0.0
+        sq = 0.0
+        if pool_rows.shape[1]:  # every row's norm, then the few: no gathered copy of the rows
+            sq = torch.linalg.vector_norm(pool_rows, dim=1)[idx.to(pool_rows.device)].double().cpu() ** 2
         for ops in ghost_ops:
             sq = sq + ops.sq_norms()[idx.to(ops.X.device)].cpu()
         nz[idx] = torch.as_tensor(sq) > 0
