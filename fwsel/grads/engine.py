@@ -13,9 +13,9 @@ from .capture import Capture, check_peft, lora_layers, requires_grad
 from .ghost import PATHS, GhostOps, fit_adam_rank1, prefers_ghost
 from .local import local_update
 from .loss import concat_batches, sequence_losses, take_rows, unwrap
-from .metric import ADAM_Q, METRICS, adam_diag_run, group_of, pool_q, state_vec
+from .metric import ADAM_Q, METRICS, adam_diag_run, direction, group_of, pool_q
 from .needs import wanted
-from .sums import MatOps, Scores, Sums, nonzero_mask
+from .sums import MatOps, Scores, Sums, nonzero_mask, row_sum
 
 DIRS = ("momentum", "decay")
 GHOST_B = ("exact", "rank1")
@@ -33,6 +33,10 @@ def finite_picks(indices, weights, finite: torch.Tensor) -> tuple[np.ndarray, np
         warnings.warn(f"dropping non-finite candidates {idx[~ok].tolist()} from the update")
         idx, w = idx[ok], w[ok]
     return idx, w
+
+
+class _SpoiltQ(Exception):
+    """A pool row's NaN/inf entry reached pool q (see `GradEngine._q_check`)."""
 
 
 class GradEngine:
@@ -94,6 +98,7 @@ class GradEngine:
         self._spare: torch.Tensor | None = None  # CPU scratch of the products (see `_scratch`)
         self._roots: list = []  # (pool rows, columns, sqrt(M)) of the runs `_products` scaled in place
         self.group_entries = 2**26  # buffer entries per run of blocks handled together (bounds temporaries)
+        self._redo = False  # products redone after `_SpoiltQ`
 
     # ------------------------------------------------------------------ path choice
     def plan(self, batch: dict, n: int) -> set:
@@ -152,7 +157,7 @@ class GradEngine:
         n, losses, buf = self._exchange(n, losses, cap.buf)  # seam: fwsel.grads.dist gathers every rank's rows
         self._rows = buf
         finite = torch.isfinite(losses)
-        first = n if self._late_check() else 0  # pool rows: see `_late_check`
+        first = n if self._late_check() or self._q_check() else 0  # pool rows: see those two
         finite[first:] &= torch.isfinite(buf[first:].sum(1)).cpu()  # a NaN/inf entry spoils the sum
         facs = {i: cap.factors(cap.sites[i]) for i in sorted(ghost)}
         for i in ghost:  # the engine holds the factors from here on
@@ -169,7 +174,23 @@ class GradEngine:
         self._ghost = {id(cap.sites[i]): GhostOps(X, E, r, n, rows, self.ghost_chunk_tokens)
                        for i, (X, E, r) in facs.items()}
         self._finite, self._pool = finite[:n], {key: val[:n] for key, val in batch.items()}
-        scores = self._products(n, finite, tuple(extra_dirs), k)
+        try:
+            scores = self._products(n, finite, tuple(extra_dirs), k)
+        except _SpoiltQ:  # a pool row with a NaN/inf entry: find it by the pass skipped above, redo
+            for m, cols, root in self._roots:
+                self._rows[:m, cols] /= root
+            self._roots = []
+            bad = ~torch.isfinite(buf[:n].sum(1))
+            finite[:n] &= ~bad.cpu()
+            buf[:n][bad] = 0
+            for g in self._ghost.values():
+                drop = bad.to(g.rows.device)[g.rows.clamp_max(n - 1)] & (g.rows < n)
+                g.X[drop], g.E[drop] = 0, 0
+            self._finite, self._redo = finite[:n], True  # no second look at q (an overflow stays)
+            try:
+                scores = self._products(n, finite, tuple(extra_dirs), k)
+            finally:
+                self._redo = False
         scores.losses, scores.target_losses = losses[:n], losses[n:]
         scores.n_tokens = (pool_batch["labels"][:, 1:] != -100).sum(1).cpu()
         return scores
@@ -226,7 +247,7 @@ class GradEngine:
             gT = t_coef[n:] @ self._rows[n:, cols] if ghost is None else ops.weighted_sum(t_coef)
             diag = self._diagonals(blocks, ops, gT, n_bad, k_eff, groups, acc)
             M = diag[self.metric]
-            U = torch.stack([gT, *[self._direction(d, blocks, gT, M) for d in dirs]])
+            U = torch.stack([gT, *[direction(d, self.optimizer, [b.param for b in blocks], gT, M) for d in dirs]])
             if ghost is None and self._folds_metric(M):
                 root = M.sqrt()
                 ops.Gp.mul_(root)  # pool rows now g * sqrt(M): K = G' G'^T, b = G' (sqrt(M) u), no scaled copy
@@ -263,6 +284,13 @@ class GradEngine:
         (`_drop_late`). A finite row whose products overflow counts as non-finite too."""
         return self.late_row_check and not self._adam
 
+    def _q_check(self) -> bool:
+        """Whether, in adam geometry with pool q, the pool rows' finiteness comes from pool q (the
+        first statistic read from them: a NaN/inf entry makes its column of q non-finite) instead
+        of a pass over the buffer before the products; `score` then finds the row and redoes the
+        products (`_SpoiltQ`, rare: the metric's fold divided out first, to rounding)."""
+        return self.late_row_check and self._adam and self.adam_q == "pool" and not self._redo
+
     def _drop_late(self, acc, finite, n: int) -> None:
         """Pool rows with a non-finite product: not finite, their products and buffer rows zero."""
         bad = ~torch.isfinite(acc.B[:, 0])  # g_T's column (an extra direction may itself be non-finite)
@@ -297,6 +325,8 @@ class GradEngine:
             return diag
         q_name = self.adam_q if blocks[0].ghost is None else self.ghost_q
         q = pool_q(ops.Gp, n_bad, k_eff, self._scratch(ops.Gp.shape)) if q_name == "pool" else None
+        if q is not None and self._q_check() and not bool(torch.isfinite(q).all()):
+            raise _SpoiltQ
         if q is not None and self._q_scale != 1.0:
             q.mul_(self._q_scale)
         params = [b.param for b in blocks]
@@ -329,15 +359,6 @@ class GradEngine:
         return {"layers": len(self._ghost), "adam_q": self.ghost_q if adam else None,
                 "rank1_err_max": max(errs) if errs else 0.0}
 
-    def _direction(self, name, blocks, gT, M):
-        """The extra direction over the blocks' coordinates (concatenated like gT)."""
-        if name == "momentum":  # u = m (AdamW's exp_avg)
-            parts = [state_vec(self.optimizer, b.param, "exp_avg", gT.new_empty(b.param.numel())) for b in blocks]
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
-        parts = [b.param.detach().reshape(-1).to(gT) for b in blocks]  # "decay": u = M^{-1} theta
-        theta = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return theta if M is None else theta / M
-
     # ------------------------------------------------------------------ update
     def apply_update(self, indices, weights) -> None:
         """Add (1/|S|) sum_S w_i g_i into .grad; fallback parameters get a weighted backward."""
@@ -352,7 +373,7 @@ class GradEngine:
         try:
             if idx.numel():
                 coef = w / idx.numel()
-                gsum = self._row_sum(buf, idx.tolist(), coef.to(buf).tolist())
+                gsum = row_sum(buf, idx.tolist(), coef.to(buf).tolist())
                 if self._rows is buf:  # `_products` scaled these rows by sqrt(M) (not a gathered copy)
                     for _, cols, root in self._roots:
                         gsum[cols] /= root
@@ -369,15 +390,6 @@ class GradEngine:
                     self._fallback_backward(idx, coef)
         finally:
             self._free()
-
-    @staticmethod
-    def _row_sum(buf, rows: list, coef: list) -> torch.Tensor:
-        """`sum_j coef_j buf[rows_j]`, one scaled add per row: no gathered copy of the k rows (the
-        update reads each selected row once)."""
-        out = torch.mul(buf[rows[0]], coef[0])
-        for r, c in zip(rows[1:], coef[1:]):
-            out.add_(buf[r], alpha=c)
-        return out
 
     def _fallback_backward(self, idx, coef) -> None:
         """Weighted backward over the selected rows for the parameters neither captured nor local."""

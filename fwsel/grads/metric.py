@@ -142,3 +142,14 @@ def _diag(v, b2, eps, t, adam_q: str, q):
     vbar = (b2 * v + (1 - b2) * q) / (1 - b2 ** (t + 1))
     poor = ((1 - b2) * q > b2 * v).sum()
     return vbar.sqrt_().add_(eps).reciprocal_(), poor
+
+
+def direction(name: str, optimizer, params, gT: torch.Tensor, M):
+    """An extra direction `u` over `params`' coordinates (concatenated like `gT`): `momentum` (AdamW's
+    exp_avg) or `decay` (`M^-1 theta`, so `<g, M u>` is `<g, theta>`)."""
+    if name == "momentum":
+        parts = [state_vec(optimizer, p, "exp_avg", gT.new_empty(p.numel())) for p in params]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    parts = [p.detach().reshape(-1).to(gT) for p in params]
+    theta = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return theta if M is None else theta / M

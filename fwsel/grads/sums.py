@@ -118,3 +118,12 @@ def nonzero_mask(sc: Scores, pool_rows: torch.Tensor, ghost_ops) -> torch.Tensor
             sq = sq + ops.sq_norms()[idx.to(ops.X.device)].cpu()
         nz[idx] = torch.as_tensor(sq) > 0
     return nz
+
+
+def row_sum(buf, rows: list, coef: list) -> torch.Tensor:
+    """`sum_j coef_j buf[rows_j]`, one scaled add per row: no gathered copy of the k rows (the
+    update reads each selected row once)."""
+    out = torch.mul(buf[rows[0]], coef[0])
+    for r, c in zip(rows[1:], coef[1:]):
+        out.add_(buf[r], alpha=c)
+    return out
