@@ -7,10 +7,11 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from fwsel.grads import blas
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_bmm_into_a_strided_buffer_equals_torch(dtype):
+@pytest.mark.parametrize("dtype,T", [(torch.float32, 7), (torch.float64, 7), (torch.bfloat16, 7),
+                                     (torch.float32, 2 * blas.SMALL // 24)])  # the last: past SMALL, torch's
+def test_bmm_into_a_strided_buffer_equals_torch(dtype, T):
     g = torch.Generator().manual_seed(0)
-    E, X = torch.randn(5, 7, 6, generator=g).to(dtype), torch.randn(5, 7, 4, generator=g).to(dtype)
+    E, X = torch.randn(5, T, 6, generator=g).to(dtype), torch.randn(5, T, 4, generator=g).to(dtype)
     buf = torch.full((5, 40), float("nan"), dtype=dtype)
     out = buf[:, 3:27].view(5, 6, 4)  # one block of a row-major per-sample buffer: batch stride 40
     blas.bmm_into(E.transpose(1, 2), X, out)
