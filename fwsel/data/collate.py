@@ -87,11 +87,7 @@ class Collator:
         """The batch of rows already encoded as (ids, labels): callers may keep a fixed row's encoding."""
         width = max(len(i) for i, _ in enc)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        ids = torch.full((len(enc), width), pad, dtype=torch.long)
-        labels = torch.full((len(enc), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(enc), width), dtype=torch.long)
-        for j, (i, lab) in enumerate(enc):
-            ids[j, : len(i)] = torch.tensor(i, dtype=torch.long)
-            labels[j, : len(lab)] = torch.tensor(lab, dtype=torch.long)
-            mask[j, : len(i)] = 1
+        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in enc], dtype=torch.long)
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in enc], dtype=torch.long)
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in enc], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
