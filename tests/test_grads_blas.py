@@ -8,7 +8,8 @@ from fwsel.grads import blas
 
 
 @pytest.mark.parametrize("dtype,T", [(torch.float32, 7), (torch.float64, 7), (torch.bfloat16, 7),
-                                     (torch.float32, 2 * blas.SMALL // 24)])  # the last: past SMALL, torch's
+                                     (torch.float32, 1),  # one token: torch's (numpy's plain loop is slow)
+                                     (torch.float32, 2 * blas.SMALL // 24)])  # past SMALL: torch's
 def test_bmm_into_a_strided_buffer_equals_torch(dtype, T):
     g = torch.Generator().manual_seed(0)
     E, X = torch.randn(5, T, 6, generator=g).to(dtype), torch.randn(5, T, 4, generator=g).to(dtype)
@@ -30,3 +31,10 @@ def test_the_scoring_pass_holds_numpys_blas_to_torchs_threads():
             inside = blas_threads()
         after = blas_threads()
     assert inside and set(inside.values()) == {torch.get_num_threads()} and set(after.values()) == {3}
+    torch_threads = torch.get_num_threads()
+    try:  # a lower limit the user set stays: the context caps, it never raises
+        torch.set_num_threads(2)
+        with threadpool_limits(limits=1, user_api="blas"), blas.threads():
+            assert set(blas_threads().values()) == {1}
+    finally:
+        torch.set_num_threads(torch_threads)

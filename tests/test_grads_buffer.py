@@ -152,3 +152,24 @@ def test_adam_finds_a_nan_row_through_pool_q_also_after_earlier_runs_were_folded
     assert a.finite.tolist() == b.finite.tolist() == [True, True, False, True, True]
     assert relerr(b.K, a.K) <= 1e-6 and relerr(b.b, a.b) <= 1e-6 and (b.K[2] == 0).all()
     assert torch.isfinite(b.K).all() and (many.cap.buf[2] == 0).all()
+
+
+def test_a_metric_that_is_zero_somewhere_is_not_folded_and_nothing_turns_nan():
+    """AdamW's D is 0 where the second moment is inf (an overflowed gradient, frozen since): the
+    fold could not be divided out, so it is skipped; the update, plain_rows() and a NaN row's
+    retry stay finite, and only the NaN row is dropped."""
+    model, opt = trained("full")
+    pool, target = random_batch(5, seed=7), random_batch(2, seed=8)
+    eng = GradEngine(model, opt, "adam")
+    p = eng.cap.mat_blocks[0].param  # a captured weight whose rows are in the buffer
+    opt.state[p]["exp_avg_sq"].view(-1)[0] = float("inf")
+    eng.score(pool, target, k=2)
+    assert torch.isfinite(eng.plain_rows()).all()
+    eng.apply_update([0, 1], [1.0, 1.0])
+    assert all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None)
+    for q in model.parameters():
+        q.grad = None
+    bad = Poisoned(model, opt, "adam")
+    bad.group_entries = 2**12
+    sc = bad.score(pool, target, k=2)
+    assert sc.finite.tolist() == [True, True, False, True, True] and torch.isfinite(sc.K).all()

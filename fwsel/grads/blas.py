@@ -7,7 +7,7 @@ default size, mostly overhead); numpy's `matmul` loops over the rows in C and ca
 directly: about 1.6x faster for these shapes, the same numbers to rounding (for larger per-row
 products torch's MKL kernels win, and those stay with torch: `SMALL`). numpy's OpenBLAS
 starts a thread per core unless told otherwise, so the scoring pass holds it to torch's thread
-count (`threads`).
+count (`threads`). A matmul with a dimension of 1 stays with torch: numpy takes its plain loop there.
 """
 
 from __future__ import annotations
@@ -21,15 +21,18 @@ _controller = None  # threadpoolctl's view of the loaded BLAS libraries, made on
 
 
 def threads():
-    """Context: numpy's (and scipy's) BLAS at torch's thread count."""
+    """Context: the BLAS libraries loaded by the first call (numpy's, scipy's) at no more threads
+    than torch uses (a lower limit already set stays)."""
     global _controller
     if _controller is None:
         from threadpoolctl import ThreadpoolController
 
         _controller = ThreadpoolController()
-    if not _controller.select(user_api="blas").lib_controllers:
+    n = torch.get_num_threads()
+    libs = _controller.select(user_api="blas")
+    if all(lib.num_threads <= n for lib in libs.lib_controllers):
         return contextlib.nullcontext()
-    return _controller.limit(limits=torch.get_num_threads(), user_api="blas")
+    return libs.limit(limits=n)
 
 
 SMALL = 2**18  # multiply-adds per row below which numpy's loop wins (measured: 0.3-0.9x of torch's time
@@ -42,6 +45,7 @@ def bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     torch's `bmm`."""
     if out.device.type == "cpu" and out.dtype in (torch.float32, torch.float64) and \
             a.dtype == b.dtype == out.dtype and a.shape[-2] * a.shape[-1] * b.shape[-1] <= SMALL and \
+            min(a.shape[-2], a.shape[-1], b.shape[-1]) > 1 and \
             all(min(t.stride()[-2:]) == 1 for t in (a, b, out)):
         np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.detach().numpy())
     else:

@@ -273,8 +273,12 @@ class GradEngine:
 
     def _folds_metric(self, M) -> bool:
         """Whether a run's metric `M` is folded into its pool rows in place (one pass, not a scaled
-        [N, cols] copy for the Gram or the norms). Not with aux metrics: they read the plain rows."""
-        return M is not None and not self.aux_metrics and bool({"k", "sq_norms"} & self.products)
+        [N, cols] copy for the Gram or the norms). Not with aux metrics: they read the plain rows.
+        Not where `M` is 0 or inf on some coordinate (an inf second moment, eps = 0): the fold
+        could not be divided out again (`_update`, `plain_rows`)."""
+        if M is None or self.aux_metrics or not {"k", "sq_norms"} & self.products:
+            return False
+        return bool(((M > 0) & torch.isfinite(M)).all())
 
     def _late_check(self) -> bool:
         """Whether the pool rows' finiteness comes from their products (`b`, always formed; diag K or

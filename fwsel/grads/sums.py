@@ -111,9 +111,11 @@ def nonzero_mask(sc: Scores, pool_rows: torch.Tensor, ghost_ops) -> torch.Tensor
     nz = sc.b[:, 0] != 0
     idx = torch.nonzero(sc.finite & ~nz).flatten()
     if idx.numel():
-        sq = 0.0
-        if pool_rows.shape[1]:  # every row's norm, then the few: no gathered copy of the rows
-            sq = torch.linalg.vector_norm(pool_rows, dim=1)[idx.to(pool_rows.device)].double().cpu() ** 2
+        sq, at = 0.0, idx.to(pool_rows.device)
+        if pool_rows.shape[1]:  # a few rows gathered, or every row's norm then those (no big copy)
+            norms = torch.linalg.vector_norm(pool_rows[at], dim=1) if 4 * idx.numel() <= pool_rows.shape[0] \
+                else torch.linalg.vector_norm(pool_rows, dim=1)[at]
+            sq = norms.double().cpu() ** 2
         for ops in ghost_ops:
             sq = sq + ops.sq_norms()[idx.to(ops.X.device)].cpu()
         nz[idx] = torch.as_tensor(sq) > 0
