@@ -10,7 +10,7 @@ import torch
 
 from . import blas
 from .capture import Capture, check_peft, lora_layers, requires_grad
-from .ghost import PATHS, GhostOps, fit_adam_rank1, prefers_ghost
+from .ghost import PATHS, GhostOps, fit_adam_rank1, token_gram_sites
 from .local import local_update
 from .loss import concat_batches, sequence_losses, take_rows, unwrap
 from .metric import ADAM_Q, METRICS, adam_diag_run, direction, group_of, pool_q
@@ -109,21 +109,7 @@ class GradEngine:
         if self.grad_path == "auto" and not exact:
             return set()
         head = unwrap(self.model).get_output_embeddings()
-        rows = batch["input_ids"].shape[0]
-        t_body = float(batch["attention_mask"].sum()) / rows
-        t_head = float((batch["labels"][:, 1:] != -100).sum()) / rows
-        uses = {}
-        for s in self.cap.sites:
-            uses[id(s.weight)] = uses.get(id(s.weight), 0) + 1
-        out = set()
-        for i, s in enumerate(self.cap.sites):
-            if uses[id(s.weight)] > 1:  # a weight shared by two Linears stays materialised
-                continue
-            m = s.module
-            t = t_head if m is head else t_body
-            if self.grad_path == "ghost" or prefers_ghost(n, t, m.in_features, m.out_features):
-                out.add(i)
-        return out
+        return token_gram_sites(self.cap.sites, head, batch, n, force=self.grad_path == "ghost")
 
     # ------------------------------------------------------------------ scoring
     def score(self, pool_batch: dict, target_batch: dict, extra_dirs=(), k=None, q_scale=1.0) -> Scores:

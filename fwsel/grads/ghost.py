@@ -41,6 +41,26 @@ def prefers_ghost(n_rows: int, tokens: float, d_in: int, d_out: int) -> bool:
     return t * t * (d_in + d_out) < d_in * d_out * (1.0 + 2.0 * t / n)
 
 
+def token_gram_sites(sites, head, batch: dict, n: int, force: bool = False) -> set:
+    """Indices of the captured `sites` whose weight takes the token Gram for this batch (n pool
+    rows): where the cost model says it is cheaper (`force`: everywhere), the output `head` judged
+    by its supervised tokens per row, the others by their tokens; a weight two Linears share
+    stays materialised."""
+    rows = batch["input_ids"].shape[0]
+    t_body = float(batch["attention_mask"].sum()) / rows
+    t_head = float((batch["labels"][:, 1:] != -100).sum()) / rows
+    uses: dict = {}
+    for s in sites:
+        uses[id(s.weight)] = uses.get(id(s.weight), 0) + 1
+    out = set()
+    for i, s in enumerate(sites):
+        m = s.module
+        t = t_head if m is head else t_body
+        if uses[id(s.weight)] == 1 and (force or prefers_ghost(n, t, m.in_features, m.out_features)):
+            out.add(i)
+    return out
+
+
 def rank1(M: torch.Tensor, iters: int = 0):
     """(u, c, relative Frobenius error) with `M ≈ u c^T` for a non-negative `d_out x d_in` matrix.
 
