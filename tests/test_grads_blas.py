@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 from fwsel.grads import blas
 
@@ -31,10 +31,16 @@ def test_the_scoring_pass_holds_numpys_blas_to_torchs_threads():
             inside = blas_threads()
         after = blas_threads()
     assert inside and set(inside.values()) == {torch.get_num_threads()} and set(after.values()) == {3}
-    torch_threads = torch.get_num_threads()
-    try:  # a lower limit the user set stays: the context caps, it never raises
+    libs = ThreadpoolController().select(user_api="blas").lib_controllers
+    torch_threads, before = torch.get_num_threads(), [lib.num_threads for lib in libs]
+    try:  # a lower limit the user set stays: the context caps each library, it never raises one
         torch.set_num_threads(2)
-        with threadpool_limits(limits=1, user_api="blas"), blas.threads():
-            assert set(blas_threads().values()) == {1}
+        for lib, k in zip(libs, (1, 3)):
+            lib.set_num_threads(k)
+        with blas.threads():
+            inside = [lib.num_threads for lib in libs]
+        assert inside[:2] == [1, 2][: len(libs)] and [lib.num_threads for lib in libs][:2] == [1, 3][: len(libs)]
     finally:
         torch.set_num_threads(torch_threads)
+        for lib, k in zip(libs, before):
+            lib.set_num_threads(k)

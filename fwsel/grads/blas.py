@@ -20,19 +20,25 @@ import torch
 _controller = None  # threadpoolctl's view of the loaded BLAS libraries, made on first use
 
 
+@contextlib.contextmanager
 def threads():
-    """Context: the BLAS libraries loaded by the first call (numpy's, scipy's) at no more threads
-    than torch uses (a lower limit already set stays)."""
+    """Context: each BLAS library loaded by the first call (numpy's, scipy's) at no more threads
+    than torch uses (a library already at fewer stays as it is)."""
     global _controller
     if _controller is None:
         from threadpoolctl import ThreadpoolController
 
         _controller = ThreadpoolController()
     n = torch.get_num_threads()
-    libs = _controller.select(user_api="blas")
-    if all(lib.num_threads <= n for lib in libs.lib_controllers):
-        return contextlib.nullcontext()
-    return libs.limit(limits=n)
+    over = [(lib, lib.num_threads) for lib in _controller.select(user_api="blas").lib_controllers
+            if lib.num_threads > n]
+    for lib, _ in over:
+        lib.set_num_threads(n)
+    try:
+        yield
+    finally:
+        for lib, old in over:
+            lib.set_num_threads(old)
 
 
 SMALL = 2**18  # multiply-adds per row below which numpy's loop wins (measured: 0.3-0.9x of torch's time
