@@ -141,6 +141,29 @@ class _Tap(torch.autograd.Function):
         return grad, None, None, None
 
 
+def _on_grad(sink, x, grad):
+    sink(x, grad)
+
+
+def _saving_hooked() -> bool:
+    """Whether saved-tensor hooks are active (a non-reentrant checkpoint's forward, offloading)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def tap(output, dummy, x, sink):
+    """Hand `x` and `output`'s gradient to `sink` in backward. An output that already requires grad
+    gets a tensor hook (a fraction of a custom autograd node's cost each way): the backward is not
+    limited to `dummy`, so the hook fires wherever the loss depends on the output, even through a
+    leaf that some forward hook made require grad (transformers' `enable_input_require_grads`).
+    One that does not (the first captured layer, with every parameter frozen) is tied to `dummy`
+    by `_Tap`, as is every output under saved-tensor hooks, so that checkpointing still drops and
+    recomputes `x`."""
+    if output.requires_grad and not _saving_hooked():
+        output.register_hook(partial(_on_grad, sink, x))
+        return None
+    return _Tap.apply(output, dummy, x, sink)
+
+
 class Capture:
     """Forward hooks registered once on the captured Linears; they act only while `active`."""
 
@@ -283,7 +306,7 @@ class Capture:
             return _Tap.apply(output, self.dummy, x, None)
         if x is None or x.dim() < 2 or x.shape[0] != self.mb_rows or not isinstance(output, torch.Tensor):
             raise RuntimeError(f"{type(module).__name__}: expected one [batch, ...] input and output")
-        return _Tap.apply(output, self.dummy, x, partial(self._local_sink, site, self.offset))
+        return tap(output, self.dummy, x, partial(self._local_sink, site, self.offset))
 
     @staticmethod
     def _local_sink(site, row0, x, grad):
@@ -305,7 +328,7 @@ class Capture:
                 raise RuntimeError("a captured Linear was called on 2-D input outside the loss head")
             rows = self.chunk_rows + self.offset
         span = (self.offset, self.offset + self.mb_rows)
-        return _Tap.apply(output, self.dummy, x, partial(self._sink, site, rows, self.tok_mask, span))
+        return tap(output, self.dummy, x, partial(self._sink, site, rows, self.tok_mask, span))
 
     def _sink(self, site, rows, mask, span, x, grad):
         x, e = x.to(self.dtype), grad.to(self.dtype)

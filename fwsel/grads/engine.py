@@ -137,8 +137,8 @@ class GradEngine:
                 out = sequence_losses(self.model, sub, self.loss_chunk_tokens, on_chunk=cap.on_chunk)
                 fin = torch.isfinite(out.losses)
                 total = out.losses[fin].sum()
-                if total.requires_grad:
-                    torch.autograd.backward(total, inputs=[cap.dummy])
+                if total.requires_grad:  # every parameter is frozen: only the taps' hooks see gradients
+                    torch.autograd.backward(total)
                 losses[s : s + cap.mb_rows] = out.losses.detach().double().cpu()
         n, losses, buf = self._exchange(n, losses, cap.buf)  # seam: fwsel.grads.dist gathers every rank's rows
         self._rows = buf
