@@ -101,8 +101,24 @@ def _agrees(got: dict, params, ref) -> bool | None:
 
 
 def _add_grad(p, g) -> None:
-    g = g.to(p.dtype)
+    g = g if g.dtype == p.dtype else g.to(p.dtype)
     p.grad = g if p.grad is None else p.grad.add_(g)
+
+
+def _picks(row_coef: torch.Tensor):
+    """`(r0, rows, like) -> (selected local rows, their coefficients in at least float32)`,
+    memoised: every site saved in the same micro-batch selects the same rows."""
+    memo = {}
+
+    def pick(r0: int, m: int, like: torch.Tensor):
+        key = (r0, m, like.device, like.dtype)
+        if key not in memo:
+            c = row_coef[r0 : r0 + m].to(like.device)
+            sel = torch.nonzero(c).flatten()
+            wide = torch.promote_types(like.dtype, torch.float32)  # weight in at least float32
+            memo[key] = (sel, c[sel].to(wide)) if sel.numel() else (None, None)
+        return memo[key]
+    return pick
 
 
 def local_update(sites, row_coef: torch.Tensor) -> None:
@@ -112,19 +128,20 @@ def local_update(sites, row_coef: torch.Tensor) -> None:
     call), except where a closed form (`closed_form`) agreed with that on the site's first update.
     """
     runs, checks = [], []  # (site, parts) to re-run; (site, parts, closed-form gradients) to check
+    pick = _picks(row_coef)
     for site in sites:
         parts = []  # (selected inputs, scaled output gradient) per call
         for x, e, r0 in site.saved:
-            c = row_coef[r0 : r0 + x.shape[0]].to(e.device)
-            sel = torch.nonzero(c).flatten()
-            if sel.numel() == 0:
+            sel, scale = pick(r0, x.shape[0], e)
+            if sel is None:
                 continue
-            wide = torch.promote_types(e.dtype, torch.float32)  # weight in at least float32
-            scale = c[sel].to(wide).view(-1, *[1] * (e.dim() - 1))
-            parts.append((x[sel], (e[sel].to(wide) * scale).to(e.dtype)))
+            es = e[sel]
+            es = es * scale.view(-1, *[1] * (e.dim() - 1)) if es.dtype == scale.dtype else \
+                (es.to(scale.dtype) * scale.view(-1, *[1] * (e.dim() - 1))).to(e.dtype)
+            parts.append((x[sel], es))
         forms = [closed_form(site.module, xs, g) for xs, g in parts] if parts and site.closed is not False else []
         if forms and all(f is not None for f in forms):
-            got = {key: sum(f[key] for f in forms) for key in forms[0]}
+            got = forms[0] if len(forms) == 1 else {key: sum(f[key] for f in forms) for key in forms[0]}
             if site.closed:
                 for p in site.params:
                     _add_grad(p, got[id(p)])
