@@ -6,8 +6,8 @@ contiguous shard of each and gathers what selection needs, so every rank compute
 `K`, `b` and `(S, w)` (fwsel.grads.dist). Only rank 0 writes the run dir.
 
 Why explicit collectives instead of wrapping the model in DDP: the gradient engine never lets
-autograd form parameter gradients while scoring (every parameter is frozen and the backward
-ends in a dummy leaf, so DDP's reducer would see nothing, `no_sync()` or not), and the update
+autograd form parameter gradients while scoring (every parameter is frozen and the layers'
+gradients go to the engine's hooks, so DDP's reducer would see nothing, `no_sync()` or not), and the update
 of captured parameters is written into `.grad` from the per-sample buffer, not by a backward
 that DDP's hooks could watch. So fwsel does what DDP's constructor and reducer do, explicitly:
 it broadcasts parameters and buffers from rank 0 once (`broadcast_module`) and all-reduces

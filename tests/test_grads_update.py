@@ -129,6 +129,33 @@ def test_gradient_checkpointing_does_not_capture_recomputed_forwards_twice(setti
     assert relerr(res[1].K, res[0].K) <= 1e-12 and relerr(res[1].b, res[0].b) <= 1e-12
 
 
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_a_forward_hook_making_embeddings_require_grad_changes_nothing(ckpt):
+    """transformers' `enable_input_require_grads` (which Trainers call for checkpointing) makes the
+    embedding output a leaf that requires grad. Layers downstream then hand over their gradient by
+    tensor hooks, not through the dummy leaf: every captured and local gradient must still arrive
+    (the embedding's own local update included)."""
+    model, opt = trained("full")
+    pool, target = random_batch(5, seed=41), random_batch(2, seed=42)
+    out = []
+    for hooked in (False, True):
+        if hooked:
+            model.enable_input_require_grads()
+            if ckpt:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for p in model.parameters():
+            p.grad = None
+        eng = GradEngine(model, opt, "sgd", loss_chunk_tokens=8)
+        sc = eng.score(pool, target, k=3)
+        eng.apply_update([0, 2, 4], [1.0, 0.5, 1.5])
+        out.append((sc, grads_of([p for p in model.parameters() if p.requires_grad])))
+        eng.close()
+    (a, ga), (b, gb) = out
+    emb = model.get_input_embeddings().weight
+    assert emb.grad is not None and float(emb.grad.abs().sum()) > 0
+    assert relerr(b.K, a.K) <= 1e-12 and relerr(b.b, a.b) <= 1e-12 and relerr(gb, ga) <= 1e-12
+
+
 def test_reentrant_checkpointing_is_refused():
     """Reentrant checkpointing runs forwards under no_grad: nothing would be captured."""
     model = tiny_model()

@@ -8,9 +8,10 @@ parameter, left out of the products: row-wise modules (embeddings, norms) are up
 from what their hooks keep (fwsel.grads.local), the rest through an ordinary weighted backward.
 
 While scoring, every trainable parameter is temporarily marked `requires_grad=False` and each
-captured Linear's output is routed through an identity autograd function ("tap") tied to a
-dummy leaf. The backward then delivers each call's output gradient `E` to the tap, which
-forms `G_i = E_i^T X_i` for every row at once (batched matmul) into one row-major buffer
+captured Linear's output is tapped (`tap`): a tensor hook where the output already requires
+grad, else an identity autograd function tied to a dummy leaf (which makes the rest of the
+graph require grad). The backward then delivers each call's output gradient `E` to the tap,
+which forms `G_i = E_i^T X_i` for every row at once (batched matmul) into one row-major buffer
 `[rows, P]`, while autograd never forms the summed weight gradients nor touches `.grad`.
 A site on the token-Gram path (`Site.ghost`, chosen per scoring pass) keeps its weight's
 factors instead (`X` and `E` of every unpadded token, fwsel.grads.ghost) and has no columns in
