@@ -4,7 +4,7 @@
 #   2. a random-init Llama-3.2-1B-shaped checkpoint built locally (no download), bf16
 #   3. 30 steps of `fwsel train model=hf` on it, LoRA r=16 on the seven projections, for
 #      ftw, greats, tracin and random: median sec_step and CUDA peak memory per arm
-# Everything lands in $OUT (when set) or benchmarks/results/gpu/: one JSON per part, a log, SUMMARY.md.
+# Everything lands in $OUT (when set) or benchmarks/results/gpu/ (--tiny: a temp dir): one JSON per part, a log, SUMMARY.md.
 #
 #   bash benchmarks/gpu_check.sh           # on the GPU machine
 #   bash benchmarks/gpu_check.sh --tiny    # CPU smoke check of this script with tiny shapes (a minute or two)
@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 TINY=0
 [ "${1:-}" = "--tiny" ] && TINY=1
 DEST=${OUT:-benchmarks/results/gpu}
+[ $TINY = 1 ] && [ -z "${OUT:-}" ] && DEST=${TMPDIR:-/tmp}/fwsel_gpu_check_tiny  # a smoke run never lands in results
 mkdir -p "$DEST"
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && PY=.venv/bin/python
