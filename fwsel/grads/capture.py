@@ -142,8 +142,20 @@ class _Tap(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _on_grad(sink, x, grad):
-    sink(x, grad)
+class _OnGrad:
+    """A tap's tensor hook. It lets go of `x` and `sink` once it has fired, as `_Tap` releases its
+    saved `x` after its backward: the graph's nodes (and with them their hooks) outlive the backward
+    while the caller holds the loss, and `x` is, layer by layer, nearly every activation."""
+
+    __slots__ = ("sink", "x")
+
+    def __init__(self, sink, x):
+        self.sink, self.x = sink, x
+
+    def __call__(self, grad):
+        sink, x, self.sink, self.x = self.sink, self.x, None, None
+        if sink is not None:
+            sink(x, grad)
 
 
 def _saving_hooked() -> bool:
@@ -160,7 +172,7 @@ def tap(output, dummy, x, sink):
     by `_Tap`, as is every output under saved-tensor hooks, so that checkpointing still drops and
     recomputes `x`."""
     if output.requires_grad and not _saving_hooked():
-        output.register_hook(partial(_on_grad, sink, x))
+        output.register_hook(_OnGrad(sink, x))
         return None
     return _Tap.apply(output, dummy, x, sink)
 

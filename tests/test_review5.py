@@ -1,0 +1,53 @@
+"""Review of the tensor-hook taps (ce5f470): what a tap keeps alive, and what the unrestricted
+scoring backward may touch."""
+
+import weakref
+
+import pytest
+import torch
+from test_grads import trained
+
+from fwsel.grads import GradEngine
+from fwsel.grads import capture as capture_mod
+
+from helpers_models import random_batch
+
+
+@pytest.mark.parametrize("setting", ["lora", "full"])
+def test_a_captured_input_is_freed_once_its_gradient_is_taken(setting, monkeypatch):
+    """A tap holds its layer's input `x` (for an LLM: nearly every activation of the forward) only
+    until its backward has used it, as `_Tap`'s saved tensor did. A tensor hook whose closure keeps
+    `x` holds it as long as the graph's nodes live: `score` keeps the last micro-batch's graph (`out`,
+    `total`) through the next micro-batch's forward and backward and through the products, so the
+    activations of two micro-batches were alive at once."""
+    refs = []  # (first row of the micro-batch, weakref to an x handed to the sink)
+    sink = capture_mod.Capture._sink
+
+    def spy(self, site, rows, mask, span, x, grad):
+        refs.append((span[0], weakref.ref(x)))
+        return sink(self, site, rows, mask, span, x, grad)
+
+    monkeypatch.setattr(capture_mod.Capture, "_sink", spy)
+    model, opt = trained(setting)
+    eng = GradEngine(model, opt, "sgd", micro_batch_size=2, grad_path="materialize")  # ghost sites keep X
+    alive = []
+
+    def pre(module, args, kwargs):  # each micro-batch's forward: earlier micro-batches' inputs
+        alive.append(sum(r() is not None for row0, r in refs if row0 < eng.cap.offset))
+
+    base = model.get_base_model() if setting == "lora" else model
+    handle = base.get_decoder().register_forward_pre_hook(pre, with_kwargs=True)
+    products = eng._products
+
+    def at_products(*a, **kw):
+        alive.append(sum(r() is not None for _, r in refs))
+        return products(*a, **kw)
+
+    eng._products = at_products
+    try:
+        eng.score(random_batch(4, seed=1), random_batch(2, seed=2), k=2)
+    finally:
+        handle.remove()
+        eng.close()
+    assert len(refs) > 0 and len(alive) == 4  # three micro-batches, then the products
+    assert alive == [0, 0, 0, 0]
