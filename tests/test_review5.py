@@ -51,3 +51,21 @@ def test_a_captured_input_is_freed_once_its_gradient_is_taken(setting, monkeypat
         eng.close()
     assert len(refs) > 0 and len(alive) == 4  # three micro-batches, then the products
     assert alive == [0, 0, 0, 0]
+
+
+def test_scoring_never_writes_grad_of_a_parameter_made_trainable_after_the_engine_was_built():
+    """Scoring freezes the parameters that were trainable when the engine was built (captured and
+    fallback). The scoring backward used to end at the dummy leaf, so it could never touch `.grad`;
+    now that it is unrestricted (ce5f470), a parameter unfrozen later (progressive unfreezing, a
+    switched peft adapter) would silently receive the unweighted gradient of every pool and target
+    row, which the next optimizer step applies. It must be refused (or kept out), never written."""
+    model, opt = trained("lora")
+    eng = GradEngine(model, opt, "sgd")
+    head = model.get_base_model().get_output_embeddings().weight
+    head.requires_grad_(True)
+    try:
+        eng.score(random_batch(3, seed=1), random_batch(2, seed=2), k=2)
+    except ValueError as e:
+        assert "trainable" in str(e)
+    assert head.grad is None
+    eng.close()

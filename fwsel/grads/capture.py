@@ -182,6 +182,7 @@ class Capture:
 
     def __init__(self, model: nn.Module):
         self.sites, self.blocks, self.fallback = find_sites(model)
+        self.base = unwrap(model)
         self.local = find_local(model, self.fallback)
         local = {id(p) for s in self.local for p in s.params}
         self.pass_params = [p for p in self.fallback if id(p) not in local]  # need the weighted backward
@@ -230,6 +231,11 @@ class Capture:
 
         The buffer is not zero-filled (a pass over all of it): a block's first contribution for a
         micro-batch writes its rows (`_first`), and what none reached is zeroed at the end."""
+        frozen = {id(p) for p in self.captured + self.fallback}
+        late = [n for n, p in self.base.named_parameters() if p.requires_grad and id(p) not in frozen]
+        if late:  # the scoring backward is not limited to the taps: it would write their .grad
+            raise ValueError(f"{len(late)} parameters ({', '.join(late[:3])}, ...) became trainable after the "
+                             "gradient engine was built; build a new engine for the new trainable set")
         spare, self.spare = self.spare, None
         if spare is not None and spare.shape == (n_rows, self.size):
             self.buf = spare
