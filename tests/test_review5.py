@@ -69,3 +69,40 @@ def test_scoring_never_writes_grad_of_a_parameter_made_trainable_after_the_engin
         assert "trainable" in str(e)
     assert head.grad is None
     eng.close()
+
+
+class _Blocked(torch.autograd.Function):
+    """Identity in forward; hands back no gradient (None), as a custom kernel may for an input
+    it treats as constant."""
+
+    @staticmethod
+    def forward(ctx, a):
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("setting", ["lora", "full"])
+def test_a_layer_whose_output_gets_no_gradient_has_zero_rows(setting):
+    """Autograd hands a tensor hook None where the output's node runs without a gradient (every
+    consumer returned None for it); `_Tap` materialised zeros. The sink must see zeros (or nothing),
+    not crash: the layer's per-sample gradients are zero, and so is its weight's oracle gradient."""
+    from helpers_models import captured_params, row_loss
+
+    model, opt = trained(setting)
+    eng = GradEngine(model, opt, "sgd", grad_path="materialize")
+    base = model.get_base_model() if setting == "lora" else model
+    layer = base.model.layers[1].mlp.up_proj
+    blocked = layer.lora_B["default"] if setting == "lora" else layer
+    blocked.register_forward_hook(lambda m, a, out: _Blocked.apply(out))  # after the engine's tap
+    pool = random_batch(4, seed=1)
+    eng.score(pool, random_batch(2, seed=2), k=2)
+    params = captured_params(model)
+    G = torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for p, g in zip(
+        params, torch.autograd.grad(row_loss(model, pool, i), params, allow_unused=True))]) for i in range(4)])
+    blk = next(b for b in eng.cap.blocks if b.param is blocked.weight)
+    assert float(G[:, blk.start : blk.end].abs().max()) == 0
+    assert float((eng.cap.buf[:4] - G).abs().max() / G.abs().max()) <= 1e-10
+    eng.close()

@@ -154,7 +154,7 @@ class _OnGrad:
 
     def __call__(self, grad):
         sink, x, self.sink, self.x = self.sink, self.x, None, None
-        if sink is not None:
+        if sink is not None and grad is not None:  # None: no consumer passed a gradient (zero; `_Tap` got zeros)
             sink(x, grad)
 
 
