@@ -140,6 +140,7 @@ class GradEngine:
                 if total.requires_grad:  # every parameter is frozen: only the taps' hooks see gradients
                     torch.autograd.backward(total)
                 losses[s : s + cap.mb_rows] = out.losses.detach().double().cpu()
+                del out, total  # the graph (and any leaf's .grad in it) goes before the next micro-batch
         n, losses, buf = self._exchange(n, losses, cap.buf)  # seam: fwsel.grads.dist gathers every rank's rows
         self._rows = buf
         finite = torch.isfinite(losses)

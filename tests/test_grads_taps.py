@@ -1,4 +1,4 @@
-"""Review of the tensor-hook taps (ce5f470): what a tap keeps alive, and what the unrestricted
+"""The tensor-hook taps: what a tap keeps alive, what it is handed, and what the unrestricted
 scoring backward may touch."""
 
 import weakref
@@ -56,7 +56,7 @@ def test_a_captured_input_is_freed_once_its_gradient_is_taken(setting, monkeypat
 def test_scoring_never_writes_grad_of_a_parameter_made_trainable_after_the_engine_was_built():
     """Scoring freezes the parameters that were trainable when the engine was built (captured and
     fallback). The scoring backward used to end at the dummy leaf, so it could never touch `.grad`;
-    now that it is unrestricted (ce5f470), a parameter unfrozen later (progressive unfreezing, a
+    now that it is unrestricted, a parameter unfrozen later (progressive unfreezing, a
     switched peft adapter) would silently receive the unweighted gradient of every pool and target
     row, which the next optimizer step applies. It must be refused (or kept out), never written."""
     model, opt = trained("lora")
