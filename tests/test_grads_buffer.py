@@ -75,6 +75,32 @@ def test_a_nan_gradient_row_is_dropped_and_the_others_are_untouched(metric, prod
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+class PoisonedTarget(GradEngine):
+    """Puts a NaN into target row 1's gradient (its loss stays finite)."""
+
+    def _exchange(self, n, losses, rows):
+        rows[n + 1, rows.shape[1] // 3] = float("nan")
+        return super()._exchange(n, losses, rows)
+
+
+@pytest.mark.parametrize("metric,products,kw", [
+    ("sgd", ("b", "nonzero"), {}), ("sgd", ("b", "k"), {}), ("adam", ("b", "k"), {}),
+    ("sgd", ("b",), {"grad_path": "materialize"})])
+def test_a_nan_gradient_target_row_leaves_g_T_like_a_target_without_it(metric, products, kw):
+    """The target rows' finiteness comes from their mean `g_T` (no pass over each row first): a
+    target row with a NaN entry must still leave `g_T`, `b` and `y2` (token-Gram layers included)
+    exactly as if it were not in the target batch, and no pool row may be dropped for it."""
+    model, opt = trained("full")
+    pool, target = random_batch(5, seed=7), random_batch(3, seed=8)
+    without = {key: val[[0, 2]] for key, val in target.items()}
+    clean = GradEngine(model, opt, metric, products=products, **kw).score(pool, without, k=2)
+    sc = PoisonedTarget(model, opt, metric, products=products, **kw).score(pool, target, k=2)
+    assert bool(sc.finite.all())
+    assert relerr(sc.b, clean.b) <= 1e-10 and abs(sc.y2 - clean.y2) <= 1e-10 * abs(clean.y2)
+    if sc.K is not None:
+        assert relerr(sc.K, clean.K) <= 1e-10
+
+
 def test_a_metric_folded_into_the_pool_rows_is_divided_out_for_readers():
     """adam with K: the pool rows hold g * sqrt(M) after the products; plain_rows gives g back."""
     model, opt = trained("full")

@@ -189,7 +189,8 @@ class Capture:
         self.size = self.blocks[-1].end if self.blocks else 0
         self.mat_blocks = list(self.blocks)  # blocks with buffer columns (see `layout`)
         self.captured = [b.param for b in self.blocks]
-        self._frozen = {id(p) for p in self.captured + self.fallback}  # what scoring freezes
+        frozen = {id(p) for p in self.captured + self.fallback}  # what scoring freezes
+        self._others = [p for p in self.base.parameters() if id(p) not in frozen]  # frozen when built
         dt = {p.dtype for p in self.captured}
         self.dtype = torch.float64 if torch.float64 in dt else torch.float32  # per-sample grads
         self.device = self.captured[0].device if self.captured else torch.device("cpu")
@@ -232,10 +233,9 @@ class Capture:
 
         The buffer is not zero-filled (a pass over all of it): a block's first contribution for a
         micro-batch writes its rows (`_first`), and what none reached is zeroed at the end."""
-        frozen = self._frozen
-        if any(p.requires_grad and id(p) not in frozen for p in self.base.parameters()):
-            # the scoring backward is not limited to the taps: it would write their .grad
-            late = [n for n, p in self.base.named_parameters() if p.requires_grad and id(p) not in frozen]
+        if any(p.requires_grad for p in self._others):  # the scoring backward would write their .grad
+            others = {id(q) for q in self._others}
+            late = [n for n, p in self.base.named_parameters() if id(p) in others and p.requires_grad]
             raise ValueError(f"{len(late)} parameters ({', '.join(late[:3])}, ...) became trainable after the "
                              "gradient engine was built; build a new engine for the new trainable set")
         spare, self.spare = self.spare, None

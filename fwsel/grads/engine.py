@@ -99,6 +99,7 @@ class GradEngine:
         self._roots: list = []  # (pool rows, columns, sqrt(M)) of the runs `_products` scaled in place
         self.group_entries = 2**26  # buffer entries per run of blocks handled together (bounds temporaries)
         self._redo = False  # products redone after `_SpoiltQ`
+        self._gT: torch.Tensor | None = None  # the target rows' mean over the buffer columns (`_target_mean`)
 
     # ------------------------------------------------------------------ path choice
     def plan(self, batch: dict, n: int) -> set:
@@ -145,7 +146,9 @@ class GradEngine:
         self._rows = buf
         finite = torch.isfinite(losses)
         first = n if self._late_check() or self._q_check() else 0  # pool rows: see those two
-        finite[first:] &= torch.isfinite(buf[first:].sum(1)).cpu()  # a NaN/inf entry spoils the sum
+        last = n if self.late_row_check else finite.shape[0]  # target rows: see `_target_mean`
+        if first < last:
+            finite[first:last] &= torch.isfinite(buf[first:last].sum(1)).cpu()  # a NaN/inf entry spoils the sum
         facs = {i: cap.factors(cap.sites[i]) for i in sorted(ghost)}
         for i in ghost:  # the engine holds the factors from here on
             cap.sites[i].factors = []
@@ -160,6 +163,7 @@ class GradEngine:
                 X[drop], E[drop] = 0, 0
         self._ghost = {id(cap.sites[i]): GhostOps(X, E, r, n, rows, self.ghost_chunk_tokens)
                        for i, (X, E, r) in facs.items()}
+        self._gT = self._target_mean(buf, finite, n) if self.late_row_check else None
         self._finite, self._pool = finite[:n], {key: val[:n] for key, val in batch.items()}
         try:
             scores = self._products(n, finite, tuple(extra_dirs), k)
@@ -181,6 +185,25 @@ class GradEngine:
         scores.losses, scores.target_losses = losses[:n], losses[n:]
         scores.n_tokens = (pool_batch["labels"][:, 1:] != -100).sum(1).cpu()
         return scores
+
+    def _target_mean(self, buf, finite, n: int) -> torch.Tensor:
+        """`g_T` over every buffer column: the mean of the finite target rows. Their finiteness
+        comes from it (a NaN/inf entry spoils the mean), not from a pass over each row first; when
+        it is spoilt (rare), the rows are checked one by one, the bad ones zeroed, and the mean redone."""
+        for again in (False, True):
+            if again:
+                bad = torch.zeros(buf.shape[0], dtype=torch.bool, device=buf.device)
+                bad[n:] = ~torch.isfinite(buf[n:].sum(1))
+                finite &= ~bad.cpu()
+                buf[bad] = 0
+                for g in self._ghost.values():  # its token-Gram factors leave the target Gram too
+                    drop = bad.to(g.rows.device)[g.rows]
+                    g.X[drop], g.E[drop] = 0, 0
+            ok = finite[n:].to(device=buf.device, dtype=buf.dtype)
+            gT = (ok / ok.sum().clamp_min(1)) @ buf[n:]
+            if bool(torch.isfinite(gT.sum())):  # an overflowing sum of finite entries takes the slow path too
+                return gT
+        return gT
 
     def _groups(self, n: int):
         """Runs of consecutive materialised blocks (one set of whole-run ops each; at most ~2^26
@@ -231,7 +254,10 @@ class GradEngine:
                         acc.coords += blocks[0].param.numel()
                     acc.add_gram_all(ops.gram_all(None, self.metric), n, nt)
                     continue
-            gT = t_coef[n:] @ self._rows[n:, cols] if ghost is None else ops.weighted_sum(t_coef)
+            if ghost is not None:
+                gT = ops.weighted_sum(t_coef)
+            else:
+                gT = self._gT[cols] if self._gT is not None else t_coef[n:] @ self._rows[n:, cols]
             diag = self._diagonals(blocks, ops, gT, n_bad, k_eff, groups, acc)
             M = diag[self.metric]
             U = torch.stack([gT, *[direction(d, self.optimizer, [b.param for b in blocks], gT, M) for d in dirs]])
@@ -397,7 +423,7 @@ class GradEngine:
 
     def _free(self) -> None:
         self.cap.release()
-        self._rows, self._pool, self._ghost, self._roots = None, None, {}, []
+        self._rows, self._pool, self._ghost, self._roots, self._gT = None, None, {}, [], None
         for s in self.cap.local:
             s.saved = []
 
