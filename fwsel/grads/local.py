@@ -135,9 +135,8 @@ def local_update(sites, row_coef: torch.Tensor) -> None:
             sel, scale = pick(r0, x.shape[0], e)
             if sel is None:
                 continue
-            es = e[sel]
-            es = es * scale.view(-1, *[1] * (e.dim() - 1)) if es.dtype == scale.dtype else \
-                (es.to(scale.dtype) * scale.view(-1, *[1] * (e.dim() - 1))).to(e.dtype)
+            s = scale.view(-1, *[1] * (e.dim() - 1))
+            es = e[sel] * s if e.dtype == s.dtype else (e[sel].to(s.dtype) * s).to(e.dtype)
             parts.append((x[sel], es))
         forms = [closed_form(site.module, xs, g) for xs, g in parts] if parts and site.closed is not False else []
         if forms and all(f is not None for f in forms):
