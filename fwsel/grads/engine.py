@@ -171,12 +171,7 @@ class GradEngine:
             for m, cols, root in self._roots:
                 self._rows[:m, cols] /= root
             self._roots = []
-            bad = ~torch.isfinite(buf[:n].sum(1))
-            finite[:n] &= ~bad.cpu()
-            buf[:n][bad] = 0
-            for g in self._ghost.values():
-                drop = bad.to(g.rows.device)[g.rows.clamp_max(n - 1)] & (g.rows < n)
-                g.X[drop], g.E[drop] = 0, 0
+            self._drop_rows(buf, finite, 0, n)
             self._finite, self._redo = finite[:n], True  # no second look at q (an overflow stays)
             try:
                 scores = self._products(n, finite, tuple(extra_dirs), k)
@@ -192,18 +187,23 @@ class GradEngine:
         it is spoilt (rare), the rows are checked one by one, the bad ones zeroed, and the mean redone."""
         for again in (False, True):
             if again:
-                bad = torch.zeros(buf.shape[0], dtype=torch.bool, device=buf.device)
-                bad[n:] = ~torch.isfinite(buf[n:].sum(1))
-                finite &= ~bad.cpu()
-                buf[bad] = 0
-                for g in self._ghost.values():  # its token-Gram factors leave the target Gram too
-                    drop = bad.to(g.rows.device)[g.rows]
-                    g.X[drop], g.E[drop] = 0, 0
+                self._drop_rows(buf, finite, n, buf.shape[0])
             ok = finite[n:].to(device=buf.device, dtype=buf.dtype)
             gT = (ok / ok.sum().clamp_min(1)) @ buf[n:]
             if bool(torch.isfinite(gT.sum())):  # an overflowing sum of finite entries takes the slow path too
                 return gT
         return gT
+
+    def _drop_rows(self, buf, finite, lo: int, hi: int) -> None:
+        """Check rows `lo:hi` of `buf` one by one (a NaN/inf entry spoils a row's sum): a bad row
+        becomes non-finite in `finite`, and its buffer row and token-Gram factors become zero."""
+        bad = torch.zeros(buf.shape[0], dtype=torch.bool, device=buf.device)
+        bad[lo:hi] = ~torch.isfinite(buf[lo:hi].sum(1))
+        finite &= ~bad.cpu()
+        buf[bad] = 0
+        for g in self._ghost.values():
+            drop = bad.to(g.rows.device)[g.rows]
+            g.X[drop], g.E[drop] = 0, 0
 
     def _groups(self, n: int):
         """Runs of consecutive materialised blocks (one set of whole-run ops each; at most ~2^26
